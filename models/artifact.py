@@ -1,0 +1,224 @@
+"""The artifact format: the only thing that travels from training to serving (DESIGN.md §3).
+
+    <repository>/<model-name>/<version>/
+      manifest.json            this schema (pydantic), schema_version 1
+      model.onnx               uint8 images [N, C, H, W] -> log_likelihood [N], bits_per_dim [N]
+      model.torchscript.pt     the same graph as TorchScript
+      weights.safetensors      for retraining / analysis only
+      report/                  metrics.json, report.md, PNG figures
+
+Every file but the manifest is listed in `files` with its sha256; `verify_artifact` refuses a
+mismatch. Nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "ArtifactError",
+    "Calibration",
+    "DataSpec",
+    "FileEntry",
+    "InputSpec",
+    "Manifest",
+    "OodMetrics",
+    "ScoreSpec",
+    "artifact_files",
+    "find_versions",
+    "latest_version",
+    "load_manifest",
+    "sha256_file",
+    "verify_artifact",
+    "write_manifest",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that is missing, malformed or tampered with; the message says which file."""
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Schema):
+    channels: int = Field(ge=1)
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    dtype: Literal["uint8"] = "uint8"
+    layout: Literal["NCHW"] = "NCHW"
+    colour: Literal["L", "RGB"] = Field(description="PIL mode the image is converted to before scoring")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+class ScoreSpec(_Schema):
+    """How `ood_score` is computed from the graph outputs (higher = more OOD)."""
+
+    statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio"]
+    direction: Literal["higher_is_ood"] = "higher_is_ood"
+    units: Literal["bits/dim"] = "bits/dim"
+    reference_bits_per_dim: float | None = Field(
+        None, description="mean in-distribution bits/dim (typicality centre)"
+    )
+    description: str
+
+
+class Calibration(_Schema):
+    target_fpr: float = Field(gt=0.0, lt=1.0)
+    threshold: float
+    validation_set: str
+    validation_size: int = Field(ge=1)
+    validation_fpr: float = Field(description="fraction of the validation set above the threshold")
+    reference_scores: list[float] = Field(
+        description="sorted in-distribution validation ood_scores, for p-values (+1 smoothing)"
+    )
+
+    @field_validator("reference_scores")
+    @classmethod
+    def _sorted(cls, v: list[float]) -> list[float]:
+        if any(b < a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("reference_scores must be sorted ascending")
+        return v
+
+
+class OodMetrics(_Schema):
+    """OpenOOD convention: OOD is the positive class for AUROC, AUPR-Out and FPR@95%TPR."""
+
+    dataset: str
+    size: int
+    auroc: float
+    aupr_in: float
+    aupr_out: float
+    fpr_at_95_tpr: float
+    mean_bits_per_dim: float
+    flagged_fraction: float
+
+
+class DataSpec(_Schema):
+    in_distribution: str
+    fingerprint: str
+    train_size: int
+    calibration_size: int
+    test_set: str | None = None
+
+
+class FileEntry(_Schema):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class Manifest(_Schema):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: int = Field(ge=1)
+    kind: Literal["pixel", "embedding"]
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    description: str = ""
+    input: InputSpec
+    num_dims: int = Field(ge=1, description="D in bits_per_dim = −log_likelihood / (D ln 2)")
+    bits_per_dim_unit: Literal["pixel", "feature"] = Field(
+        description="pixel: per image dimension; feature: per post-processed feature dimension"
+    )
+    log_likelihood_definition: str
+    architecture: dict[str, Any]
+    training: dict[str, Any] = Field(default_factory=dict)
+    parameters: int = Field(ge=0)
+    data: DataSpec
+    score: ScoreSpec
+    calibration: Calibration
+    in_distribution_test: dict[str, float] = Field(default_factory=dict)
+    metrics: list[OodMetrics] = Field(default_factory=list)
+    baselines: dict[str, Any] = Field(default_factory=dict)
+    export: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("name must be lowercase letters, digits, '.', '_' or '-' (max 63)")
+        return v
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_files(directory: Path) -> dict[str, FileEntry]:
+    """Hash every file below `directory` except the manifest (POSIX relative paths)."""
+    entries: dict[str, FileEntry] = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel == MANIFEST_NAME:
+            continue
+        entries[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+    return entries
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """Fill `files` from what is on disk, then write `manifest.json`."""
+    manifest = manifest.model_copy(update={"files": artifact_files(directory)})
+    (directory / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def load_manifest(directory: Path) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no manifest.json")
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        first = str(exc).splitlines()
+        raise ArtifactError(f"{path}: invalid manifest: {' '.join(first[:3])}") from None
+
+
+def verify_artifact(directory: Path, required: tuple[str, ...] = ("model.onnx",)) -> Manifest:
+    """Validate the manifest and check every listed file's size and sha256."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if directory.name != str(manifest.version):
+        raise ArtifactError(f"{directory}: folder name does not match manifest version {manifest.version}")
+    for name in required:
+        if name not in manifest.files:
+            raise ArtifactError(f"{directory}: manifest does not list required file {name}")
+    for rel, entry in manifest.files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            raise ArtifactError(f"{path}: sha256 mismatch (file changed after export)")
+    return manifest
+
+
+def find_versions(repository: Path, name: str) -> list[int]:
+    folder = Path(repository) / name
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def latest_version(repository: Path, name: str) -> int | None:
+    versions = find_versions(repository, name)
+    return versions[-1] if versions else None

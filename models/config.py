@@ -1,0 +1,74 @@
+"""Typed architecture configs (pydantic); saved whole in every artifact's manifest."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["EmbeddingFlowConfig", "ModelConfig", "PixelFlowConfig"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PixelFlowConfig(_Config):
+    """A flow on raw pixels. `mask` picks the spatial coupling mask (Kirichenko et al. §7) and
+    `st_net` the coupling network (`bottleneck`: squeezed through `latent_dim`, §8)."""
+
+    kind: Literal["pixel"] = "pixel"
+    architecture: Literal["realnvp", "glow"] = "realnvp"
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    mask: Literal["checkerboard", "channel", "horizontal", "cycle"] = "checkerboard"
+    st_net: Literal["resnet", "bottleneck"] = "resnet"
+    width: int = Field(32, ge=1)
+    depth: int = Field(2, ge=0, description="residual blocks per st-network")
+    latent_dim: int = Field(32, ge=1, description="bottleneck width (st_net='bottleneck')")
+    num_scales: int = Field(3, ge=1, description="RealNVP scales / Glow levels (capped by the image size)")
+    couplings_per_scale: int = Field(3, ge=1, description="RealNVP spatial couplings before each squeeze")
+    channel_couplings: int = Field(3, ge=0, description="RealNVP channel-wise couplings after each squeeze")
+    final_couplings: int = Field(4, ge=1, description="RealNVP couplings at the coarsest scale")
+    steps_per_level: int = Field(8, ge=1, description="Glow: ActNorm + 1x1 conv + coupling steps per level")
+    alpha: float = Field(0.05, ge=0.0, lt=0.5, description="logit pre-processing constant (RealNVP §4.1)")
+    clamp: float = Field(2.0, gt=0.0, description="soft clamp of the coupling log-scale")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> PixelFlowConfig:
+        c, h, w = self.input_shape
+        if c < 1 or h < 2 or w < 2:
+            raise ValueError(f"input_shape must be (C>=1, H>=2, W>=2), got {self.input_shape}")
+        return self
+
+
+class EmbeddingFlowConfig(_Config):
+    """Frozen EfficientNet-Lite0 features -> post-processing -> a coupling flow on vectors."""
+
+    kind: Literal["embedding"] = "embedding"
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    backbone: Literal["efficientnet_lite0"] = "efficientnet_lite0"
+    resolution: int = Field(64, ge=32, description="backbone input size in pixels")
+    l2_normalize: bool = True
+    projection_dim: int | None = Field(
+        None, ge=2, description="whitened PCA dimension fitted on training features; None keeps all"
+    )
+    shrinkage: float = Field(0.05, ge=0.0, le=1.0, description="covariance shrinkage of the whitening")
+    num_couplings: int = Field(4, ge=1)
+    hidden: int = Field(256, ge=1)
+    depth: int = Field(1, ge=0)
+    mask: Literal["alternate", "permute"] = "permute"
+    actnorm: bool = False
+    clamp: float = Field(1.0, gt=0.0)
+    seed: int = 0
+
+    @property
+    def backbone_features(self) -> int:
+        return 1280
+
+    @property
+    def flow_features(self) -> int:
+        return self.projection_dim or self.backbone_features
+
+
+ModelConfig = Annotated[PixelFlowConfig | EmbeddingFlowConfig, Field(discriminator="kind")]
