@@ -22,6 +22,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
 __all__ = [
@@ -131,13 +132,14 @@ def load_efficientnet_lite0_state_dict() -> dict[str, Tensor]:
     return renamed
 
 
-def load_efficientnet_lite0_classifier() -> nn.Module:
+def load_efficientnet_lite0_classifier() -> EfficientNet:
     """timm `tf_efficientnet_lite0` with the ImageNet weights, in eval mode.
 
     The model maps `(N, 3, H, W)` float images scaled to [-1, 1] (x / 127.5 - 1) to `(N, 1000)`
     ImageNet logits. It is trainable as returned; `EfficientNetLite0Features` is the frozen one.
     """
     model = timm.create_model(_TIMM_ARCH, pretrained=False)
+    assert isinstance(model, EfficientNet)  # narrows the type for reset_classifier below
     model.load_state_dict(load_efficientnet_lite0_state_dict(), strict=True)
     return model.eval()
 
@@ -215,7 +217,7 @@ class EfficientNetLite0Features(nn.Module):
         backbone.requires_grad_(False)
         if channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
-        self.backbone = backbone
+        self.backbone: nn.Module = backbone
         super().train(False)
 
     def train(self, mode: bool = True) -> EfficientNetLite0Features:

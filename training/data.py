@@ -172,7 +172,7 @@ class ImageSet:
         """
         digest = hashlib.sha256()
         digest.update(("uint8:" + "x".join(str(d) for d in self.images.shape) + "\n").encode())
-        digest.update(memoryview(np.ascontiguousarray(self.images)).cast("B"))
+        digest.update(np.ascontiguousarray(self.images).data)
         return digest.hexdigest()
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSet:

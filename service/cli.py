@@ -1,0 +1,49 @@
+"""`python -m service` / `oodflow serve`: flags over `OODFLOW_*` environment settings."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from service.settings import Settings
+
+__all__ = ["add_serve_arguments", "main", "settings_from_args"]
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `serve` flags; each defaults to its `OODFLOW_*` variable, then the built-in default."""
+    parser.add_argument(
+        "--repository", help="model repository (OODFLOW_MODEL_REPOSITORY, ./model-repository)"
+    )
+    parser.add_argument("--host", help="bind address (OODFLOW_HOST, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (OODFLOW_PORT, 8000)")
+    parser.add_argument("--models", help="comma list of 'name' or 'name:version' (OODFLOW_MODELS, all)")
+    parser.add_argument(
+        "--runtime", choices=["onnx", "torchscript"], help="graph runtime (OODFLOW_RUNTIME, onnx)"
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (OODFLOW_DEVICE, auto)")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="(OODFLOW_LOG_LEVEL)"
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "model_repository": getattr(args, "repository", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "models": getattr(args, "models", None),
+        "runtime": getattr(args, "runtime", None),
+        "device": getattr(args, "device", None),
+        "log_level": getattr(args, "log_level", None),
+    }
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from service.app import run
+
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="oodflow serve", description=__doc__))
+    run(settings_from_args(parser.parse_args(argv)))

@@ -1,0 +1,120 @@
+"""Scorers: run one exported graph on one uint8 batch. They know nothing of batching or HTTP.
+
+Graph I/O (DESIGN §3): input `images` uint8 `[N, C, H, W]` (dynamic N); outputs `log_likelihood`
+float32 `[N]` (nats) and `bits_per_dim` float32 `[N]`, plus `background_log_likelihood` (nats) for
+models scored by likelihood ratio. A TorchScript graph returns them as a tuple in that order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+__all__ = [
+    "BACKGROUND_OUTPUT",
+    "GRAPH_FILES",
+    "REQUIRED_OUTPUTS",
+    "OnnxScorer",
+    "RuntimeName",
+    "Scorer",
+    "TorchScriptScorer",
+    "load_scorer",
+]
+
+RuntimeName = Literal["onnx", "torchscript"]
+GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+REQUIRED_OUTPUTS = ("log_likelihood", "bits_per_dim")
+BACKGROUND_OUTPUT = "background_log_likelihood"
+
+
+class Scorer(Protocol):
+    """`run(images: (N, C, H, W) uint8) -> {output name: (N,) float32}`; safe to call from one thread."""
+
+    runtime: str
+    device: str
+    output_names: tuple[str, ...]
+    input_shape: tuple[int | None, int | None, int | None]
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class OnnxScorer:
+    """ONNX Runtime session; CUDA execution provider when asked for (or `auto` and available)."""
+
+    runtime = "onnx"
+
+    def __init__(self, path: Path, device: str = "auto", intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise RuntimeError(f"device 'cuda' requested but ONNX Runtime offers only {available}")
+        use_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        # One batch at a time per model (the batcher's thread): no inter-op parallelism to buy.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
+            described = [(i.name, i.type) for i in inputs]
+            raise RuntimeError(f"graph input must be one uint8 tensor 'images', found {described}")
+        shape = list(inputs[0].shape)
+        if len(shape) != 4:
+            raise RuntimeError(f"graph input 'images' must be [N, C, H, W], found {shape}")
+        c, h, w = (d if isinstance(d, int) else None for d in shape[1:])
+        self.input_shape: tuple[int | None, int | None, int | None] = (c, h, w)
+        self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self._session.run(None, {"images": images})
+        return {name: np.asarray(value) for name, value in zip(self.output_names, outputs, strict=True)}
+
+
+class TorchScriptScorer:
+    """`torch.jit.load` on `cuda` (when asked for, or `auto` and available) or `cpu`."""
+
+    runtime = "torchscript"
+
+    def __init__(self, path: Path, device: str = "auto", intra_op_threads: int = 0) -> None:
+        import torch  # imported here so an ONNX-only service never pays for it
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+        self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        if intra_op_threads:
+            torch.set_num_threads(intra_op_threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._module: Any = torch.jit.load(str(path), map_location=self.device).eval()
+        self._torch = torch
+        self.input_shape: tuple[int | None, int | None, int | None] = (None, None, None)
+        self.output_names: tuple[str, ...] = REQUIRED_OUTPUTS  # refined by the first run (warm-up)
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            outputs = self._module(torch.from_numpy(images).to(self.device))
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        names = (*REQUIRED_OUTPUTS, BACKGROUND_OUTPUT)[: len(outputs)]
+        self.output_names = names
+        return {name: value.detach().cpu().numpy() for name, value in zip(names, outputs, strict=True)}
+
+
+def load_scorer(directory: Path, runtime: RuntimeName, device: str, intra_op_threads: int = 0) -> Scorer:
+    """The scorer for `<directory>/<graph file of runtime>`."""
+    path = Path(directory) / GRAPH_FILES[runtime]
+    if runtime == "onnx":
+        return OnnxScorer(path, device, intra_op_threads)
+    return TorchScriptScorer(path, device, intra_op_threads)

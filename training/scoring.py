@@ -1,0 +1,59 @@
+"""Batched eager scoring used by training, calibration and evaluation (the service runs the
+exported graphs instead; export parity ties the two together)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.flows import EmbeddingFlow, PixelFlow
+from training.data import ImageSet
+
+__all__ = ["cached_features", "log_likelihoods"]
+
+
+@torch.inference_mode()
+def _batched(fn, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:  # type: ignore[no-untyped-def]
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        outputs.append(fn(batch).double().cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+def cached_features(
+    model: EmbeddingFlow, dataset: ImageSet, cache_dir: Path | None, key: str, batch_size: int = 256
+) -> np.ndarray:
+    """Raw backbone features `(N, 1280)` float32, cached on disk by split name and fingerprint."""
+    device = next(model.parameters()).device
+    path = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tag = f"{key}-{dataset.fingerprint()[:16]}-r{model.config.resolution}"
+        path = cache_dir / f"{tag}.npy"
+        if path.is_file():
+            return np.load(path)
+    feats = _batched(model.features, dataset.images, batch_size, device).astype(np.float32)
+    if path is not None:
+        np.save(path, feats)
+    return feats
+
+
+def log_likelihoods(
+    model: PixelFlow | EmbeddingFlow,
+    dataset: ImageSet,
+    *,
+    batch_size: int = 256,
+    cache_dir: Path | None = None,
+    key: str = "",
+) -> np.ndarray:
+    """`(N,)` float64 log-likelihoods in nats, evaluation mode (deterministic)."""
+    model.eval()
+    if isinstance(model, EmbeddingFlow):
+        feats = cached_features(model, dataset, cache_dir, key or dataset.name, batch_size)
+        device = next(model.parameters()).device
+        return _batched(model.log_likelihood_features, feats, 4096, device)
+    device = next(model.parameters()).device
+    return _batched(model.log_likelihood, dataset.images, batch_size, device)

@@ -1,0 +1,278 @@
+"""`oodflow train`: the training loop, checkpoints, resume and time budgets.
+
+Repeatable by construction: batches and dequantization noise come from seeded generators whose
+states are checkpointed with the model and optimiser, and the learning-rate schedule is a
+function of the step alone, so a run resumed after `kill -9` ends where an uninterrupted run
+would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from models.flows import EmbeddingFlow, PixelFlow, build_model
+from models.layers import ActNorm, initialize_actnorm
+from models.scores import LN2
+from training.config import RunConfig
+from training.runs import Run, Splits, load_splits, resolve_device
+from training.scoring import cached_features
+
+__all__ = ["TrainResult", "learning_rate", "train"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    completed: bool
+    seconds: float
+    final_bits_per_dim: float
+    validation_bits_per_dim: float
+
+
+def learning_rate(config: RunConfig, step: int) -> float:
+    t = config.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    floor = t.min_lr_fraction
+    return t.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+
+
+class _Trainer:
+    """Shared loop; subclasses give the batch source and the loss."""
+
+    def __init__(self, run: Run, model: PixelFlow | EmbeddingFlow, splits: Splits, device: torch.device):
+        self.run, self.model, self.splits, self.device = run, model, splits, device
+        self.config = run.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=self.config.train.lr, weight_decay=self.config.train.weight_decay)
+        self.batch_generator = torch.Generator().manual_seed(self.config.train.seed)
+        self.noise_generator = torch.Generator().manual_seed(self.config.train.seed + 1)
+        self.step = 0
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    # hooks
+    def prepare(self) -> None: ...
+    def loss(self) -> torch.Tensor:  # bits/dim of one batch
+        raise NotImplementedError
+
+    def validation_bits_per_dim(self) -> float:
+        raise NotImplementedError
+
+    def select_best(self) -> bool:
+        return False
+
+    # checkpointing
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "batch_generator": self.batch_generator.get_state(),
+            "noise_generator": self.noise_generator.get_state(),
+            "best": self.best,
+            "config": self.config.model_dump_json(),
+        }
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        if payload["config"] != self.config.model_dump_json():
+            raise ValueError(f"{self.run.checkpoint_path}: checkpoint was made with another config; not resuming")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step = int(payload["step"])
+        self.batch_generator.set_state(payload["batch_generator"])
+        self.noise_generator.set_state(payload["noise_generator"])
+        self.best = payload["best"]
+
+    def fit(self, *, resume: bool, max_minutes: float | None, progress: bool,
+            on_step: Callable[[int], None] | None = None) -> TrainResult:
+        t = self.config.train
+        log_path = self.run.dir / "metrics.jsonl"
+        if resume and self.run.checkpoint_path.is_file():
+            self.restore(torch.load(self.run.checkpoint_path, map_location=self.device, weights_only=False))
+        else:
+            self.prepare()
+            log_path.write_text("")
+        start = time.monotonic()
+        images_seen = 0
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not progress, desc=self.config.name,
+                   unit="step", dynamic_ncols=True, leave=False)
+        last_bpd = float("nan")
+        completed = True
+        with open(log_path, "a") as log:
+            while self.step < t.max_steps:
+                if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
+                    completed = False
+                    break
+                self.model.train()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(self.config, self.step)
+                bpd = self.loss()
+                self.optimizer.zero_grad(set_to_none=True)
+                bpd.backward()
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], t.grad_clip
+                )
+                self.optimizer.step()
+                self.step += 1
+                images_seen += t.batch_size
+                last_bpd = float(bpd.detach())
+                if not math.isfinite(last_bpd):
+                    raise FloatingPointError(f"loss became {last_bpd} at step {self.step}; lower train.lr")
+                rate = images_seen / max(1e-9, time.monotonic() - start)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    record = {"step": self.step, "bits_per_dim": round(last_bpd, 5),
+                              "lr": learning_rate(self.config, self.step - 1), "images_per_s": round(rate, 1),
+                              "elapsed_s": round(time.monotonic() - start, 2)}
+                    if self.select_best() and (self.step % (t.eval_every or t.log_every) == 0):
+                        record["validation_bits_per_dim"] = round(self.track_best(), 5)
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if self.step % t.checkpoint_every == 0:
+                    _save_checkpoint(self.run.checkpoint_path, self.checkpoint_payload())
+                bar.set_postfix(bpd=f"{last_bpd:.3f}", img_s=f"{rate:.0f}")
+                bar.update(1)
+                if on_step is not None:
+                    on_step(self.step)
+        bar.close()
+        _save_checkpoint(self.run.checkpoint_path, self.checkpoint_payload())
+        if self.select_best():
+            self.track_best()
+            assert self.best is not None
+            self.model.load_state_dict(self.best[2])
+        self.model.eval()
+        val_bpd = self.validation_bits_per_dim()
+        save_file({k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}, str(self.run.weights_path))
+        seconds = time.monotonic() - start
+        summary = {"steps": self.step, "completed": completed, "seconds_this_session": round(seconds, 1),
+                   "final_train_bits_per_dim": last_bpd, "validation_bits_per_dim": val_bpd,
+                   "selected_step": self.best[1] if self.best else self.step,
+                   "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
+        self.run.write_json("train_summary.json", summary)
+        return TrainResult(self.run.dir, self.step, completed, seconds, last_bpd, val_bpd)
+
+    def track_best(self) -> float:
+        val = self.validation_bits_per_dim()
+        if self.best is None or val < self.best[0]:
+            self.best = (val, self.step, _state_copy(self.model))
+        return val
+
+
+class _PixelTrainer(_Trainer):
+    model: PixelFlow
+
+    def __init__(self, run: Run, model: PixelFlow, splits: Splits, device: torch.device):
+        super().__init__(run, model, splits, device)
+        self.train_images = torch.from_numpy(splits.train.images)
+
+    def prepare(self) -> None:
+        if any(isinstance(m, ActNorm) for m in self.model.modules()):
+            # Explicit data-dependent ActNorm initialisation (Glow §3.1), on a fixed batch.
+            g = torch.Generator().manual_seed(self.config.train.seed + 2)
+            idx = torch.randperm(len(self.train_images), generator=g)[:512]
+            initialize_actnorm(self.model, self.train_images[idx].to(self.device))
+
+    def loss(self) -> torch.Tensor:
+        idx = torch.randint(0, len(self.train_images), (self.config.train.batch_size,), generator=self.batch_generator)
+        batch = self.train_images[idx]
+        noise = torch.rand(batch.shape, generator=self.noise_generator)
+        y = ((batch.float() + noise) / 256.0).to(self.device)
+        log_density = self.model.log_density_unit(y)
+        return -(log_density.mean() / self.model.num_dims - math.log(256)) / LN2
+
+    @torch.inference_mode()
+    def validation_bits_per_dim(self) -> float:
+        self.model.eval()
+        images = torch.from_numpy(self.splits.validation.images)
+        if len(images) == 0:
+            return float("nan")
+        bpd = [self.model(images[i : i + 256].to(self.device))[1] for i in range(0, len(images), 256)]
+        return float(torch.cat(bpd).mean())
+
+
+class _EmbeddingTrainer(_Trainer):
+    """Trains the vector flow on cached backbone features; the projection is fitted first.
+    Model selection keeps the step with the best held-out validation NLL, step 0 included
+    (where the flow is the identity and the model is exactly the whitened Gaussian)."""
+
+    model: EmbeddingFlow
+
+    def __init__(self, run: Run, model: EmbeddingFlow, splits: Splits, device: torch.device):
+        super().__init__(run, model, splits, device)
+        cache = run.dir / "features"
+        self.train_features = torch.from_numpy(cached_features(model, splits.train, cache, "train"))
+        self.val_features = torch.from_numpy(cached_features(model, splits.validation, cache, "validation"))
+
+    def prepare(self) -> None:
+        self.model.projection.fit(self.train_features, self.model.config.shrinkage)
+        if any(isinstance(m, ActNorm) for m in self.model.modules()):
+            initialize_actnorm(self.model.flow, self.model.projection(self.train_features[:2048].to(self.device)))
+        self.track_best()
+
+    def select_best(self) -> bool:
+        return True
+
+    def loss(self) -> torch.Tensor:
+        idx = torch.randint(0, len(self.train_features), (self.config.train.batch_size,), generator=self.batch_generator)
+        ll = self.model.log_likelihood_features(self.train_features[idx].to(self.device))
+        return -ll.mean() / (self.model.num_dims * LN2)
+
+    @torch.inference_mode()
+    def validation_bits_per_dim(self) -> float:
+        self.model.eval()
+        ll = self.model.log_likelihood_features(self.val_features.to(self.device))
+        return float(-ll.mean() / (self.model.num_dims * LN2))
+
+
+def train(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    max_minutes: float | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    splits: Splits | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train `config` into `run_dir`. With `resume`, continue from the last checkpoint."""
+    torch.manual_seed(config.train.seed)
+    np.random.seed(config.train.seed)
+    run = Run(run_dir, config)
+    if not resume and run.checkpoint_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    run.write_config()
+    dev = resolve_device(device)
+    splits = splits or load_splits(config, with_eval_sets=False)
+    model = build_model(config.model).to(dev)
+    if isinstance(model, PixelFlow):
+        trainer: _Trainer = _PixelTrainer(run, model, splits, dev)
+    else:
+        trainer = _EmbeddingTrainer(run, model, splits, dev)
+    return trainer.fit(resume=resume, max_minutes=max_minutes, progress=progress, on_step=on_step)
