@@ -1,7 +1,9 @@
 """Typed errors and the one place that maps them to HTTP statuses and JSON bodies.
 
-Every error response, from v1, v2, health or the framework itself, is
+Every error response, from v1, health or the framework itself, is
 `{"error": {"code": "<machine-readable>", "message": "<for humans>"}}` with the status below.
+Under `/v2` the Open Inference Protocol's own shape is kept, `{"error": "<message>", "code": ...}`,
+because standard v2 clients (`tritonclient.http`) read `error` as a string.
 """
 
 from __future__ import annotations
@@ -134,15 +136,21 @@ class ModelUnavailable(NotReady):
     code = "model_unavailable"
 
 
+def _is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
 def error_response(
-    status_code: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    status_code: int, code: str, message: str, headers: Mapping[str, str] | None = None, path: str = ""
 ) -> Response:
+    """The JSON error response; `path` under /v2 selects the Open Inference Protocol's shape."""
+    body = {"error": message, "code": code} if _is_v2(path) else error_body(code, message)
     return Response(
-        orjson.dumps(error_body(code, message)),
+        orjson.dumps(body),
         status_code=status_code,
         headers=dict(headers or {}),
         media_type="application/json",
@@ -178,20 +186,21 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ServiceError)
         if exc.status_code >= 500:
             log.error("%s: %s", exc.code, exc.message)
-        return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+        return error_response(exc.status_code, exc.code, exc.message, exc.headers, request.url.path)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", _validation_message(exc))
+        return error_response(422, "invalid_request", _validation_message(exc), path=request.url.path)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, code, str(exc.detail), headers, request.url.path)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", "internal server error")
+        return error_response(500, "internal_error", "internal server error", path=request.url.path)
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -105,6 +105,7 @@ class RequestContextMiddleware:
                     "shutting_down",
                     "the service is shutting down",
                     {"Retry-After": "1", "Connection": "close"},
+                    scope["path"],
                 )
                 await response(scope, receive, send_with_id)
             else:

@@ -183,7 +183,13 @@ class Registry:
             raise RuntimeError(f"artifact check failed: {exc}") from None
         if manifest.name != entry.name:
             raise RuntimeError(f"manifest names model '{manifest.name}' but it lies in folder '{entry.name}'")
-        scorer = load_scorer(entry.path, settings.runtime, settings.device, settings.intra_op_threads)
+        scorer = load_scorer(
+            entry.path,
+            settings.runtime,
+            settings.device,
+            settings.intra_op_threads,
+            settings.ort_allow_spinning,
+        )
         if self._wrap_scorer is not None:
             scorer = self._wrap_scorer(entry.name, scorer)
         spec = manifest.input.shape

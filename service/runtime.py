@@ -46,7 +46,9 @@ class OnnxScorer:
 
     runtime = "onnx"
 
-    def __init__(self, path: Path, device: str = "auto", intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, path: Path, device: str = "auto", intra_op_threads: int = 0, allow_spinning: bool = False
+    ) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -63,6 +65,8 @@ class OnnxScorer:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Idle intra-op threads spin by default; on a small CPU they would take the event loop's core.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
         inputs = self._session.get_inputs()
@@ -112,9 +116,15 @@ class TorchScriptScorer:
         return {name: value.detach().cpu().numpy() for name, value in zip(names, outputs, strict=True)}
 
 
-def load_scorer(directory: Path, runtime: RuntimeName, device: str, intra_op_threads: int = 0) -> Scorer:
+def load_scorer(
+    directory: Path,
+    runtime: RuntimeName,
+    device: str,
+    intra_op_threads: int = 0,
+    allow_spinning: bool = False,
+) -> Scorer:
     """The scorer for `<directory>/<graph file of runtime>`."""
     path = Path(directory) / GRAPH_FILES[runtime]
     if runtime == "onnx":
-        return OnnxScorer(path, device, intra_op_threads)
+        return OnnxScorer(path, device, intra_op_threads, allow_spinning)
     return TorchScriptScorer(path, device, intra_op_threads)

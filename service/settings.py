@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: CUDA when visible, else CPU"
     )
+    ort_allow_spinning: bool = Field(
+        default=False,
+        description="let idle ONNX Runtime threads spin; off by default: on a small CPU they starve the event loop",
+    )
     intra_op_threads: int = Field(
         default=0, ge=0, description="threads per inference call; 0: runtime default"
     )

@@ -91,3 +91,4 @@ class ServiceState:
         await asyncio.gather(*(b.close(self.settings.shutdown_timeout_s) for b in batchers))
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped: queued work finished, worker threads released")

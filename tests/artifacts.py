@@ -12,6 +12,7 @@ The models are barely trained: the tests need real graphs and manifests, not goo
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,9 @@ def _build(
             reference_scores=sorted(float(s) for s in scores),
         ),
     )
-    return export_artifact(model, manifest, repository, torch.from_numpy(calibration[:8]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        return export_artifact(model, manifest, repository, torch.from_numpy(calibration[:8]))
 
 
 def build_small_artifacts(repository: Path) -> dict[str, Path]:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from service.auth import require_api_key, require_api_key_if_protected
-from service.errors import BadRequest, ModelNotFound, error_body
+from service.errors import BadRequest, ModelNotFound, error_response
 from service.parsing import parse_infer_body, read_body
 from service.registry import ServedModel
 from service.routes.common import ERROR_RESPONSES, get_state, json_response, unless_disconnected
@@ -69,7 +69,7 @@ async def live() -> Response:
 async def ready(request: Request) -> Response:
     is_ready, models = get_state(request).readiness()
     if not is_ready:
-        return json_response(error_body("not_ready", f"not ready: {models}"), 503, {"Retry-After": "1"})
+        return error_response(503, "not_ready", f"not ready: {models}", {"Retry-After": "1"}, "/v2")
     return json_response({"ready": True})
 
 
@@ -127,9 +127,8 @@ async def model_version_metadata(name: str, version: str, request: Request) -> R
 def _ready_response(served: ServedModel) -> Response:
     if served.status != "ready":
         reason = served.reason or "loading"
-        return json_response(
-            error_body("not_ready", f"model '{served.name}' is {served.status}: {reason}"), 503
-        )
+        message = f"model '{served.name}' is {served.status}: {reason}"
+        return error_response(503, "not_ready", message, path="/v2")
     return json_response({"name": served.name, "ready": True})
 
 

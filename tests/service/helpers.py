@@ -90,23 +90,26 @@ def running_server(
 
 
 class SlowScorer:
-    """Wraps a real scorer, sleeping `delay_s` per batch: for the tests that must control timing."""
+    """Wraps a real scorer, sleeping `delay_s` per batch from call `delay_after_calls` on (warm-up
+    calls come first): for the tests that must control timing."""
 
-    def __init__(self, inner: Scorer, delay_s: float, warmup_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, inner: Scorer, delay_s: float, warmup_delay_s: float = 0.0, delay_after_calls: int = 0
+    ) -> None:
         self._inner = inner
         self.delay_s = delay_s
         self.warmup_delay_s = warmup_delay_s
+        self.delay_after_calls = delay_after_calls
         self.runtime, self.device = inner.runtime, inner.device
         self.output_names, self.input_shape = inner.output_names, inner.input_shape
         self.calls: list[int] = []
-        self.warm = False
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        if not self.warm and self.warmup_delay_s:
+        if not self.calls and self.warmup_delay_s:
             time.sleep(self.warmup_delay_s)
-            self.warm = True
+        if len(self.calls) >= self.delay_after_calls:
+            time.sleep(self.delay_s)
         self.calls.append(len(images))
-        time.sleep(self.delay_s)
         return self._inner.run(images)
 
 

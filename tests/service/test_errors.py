@@ -21,10 +21,15 @@ def error(response, status: int, code: str | None = None) -> str:  # type: ignor
 
 
 def test_garbage_bytes_are_400_naming_the_file(service: Server, grey_images: np.ndarray) -> None:
-    files = [("images", ("ok.png", encode(grey_images[0]))), ("images", ("junk.png", b"\x89PNG not really" * 20))]
+    files = [
+        ("images", ("ok.png", encode(grey_images[0]))),
+        ("images", ("junk.png", b"\x89PNG not really" * 20)),
+    ]
     message = error(service.client.post(URL, files=files), 400, "invalid_image")
     assert message.startswith("images[1]:")
-    message = error(service.client.post(URL, json={"images": [{"b64": b64(b"hello world")}]}), 400, "invalid_image")
+    message = error(
+        service.client.post(URL, json={"images": [{"b64": b64(b"hello world")}]}), 400, "invalid_image"
+    )
     assert "images[0]" in message
 
 
@@ -72,7 +77,10 @@ def test_too_many_images_is_413_naming_the_limit(service: Server, grey_images: n
 
 def test_request_too_large_is_413(service: Server) -> None:
     limit = service.state.settings.max_request_bytes
-    message = error(service.client.post(URL, content=b"x" * (limit + 1), headers={"content-type": "application/json"}), 413)
+    message = error(
+        service.client.post(URL, content=b"x" * (limit + 1), headers={"content-type": "application/json"}),
+        413,
+    )
     assert "max_request_bytes" in message
 
 
@@ -80,7 +88,9 @@ def test_decompression_bomb_is_413(service: Server) -> None:
     # 3000×3000 = 9 Mpx of zeros: a ~9 KB PNG that would decode to 9 MB; the limit is 1 Mpx.
     bomb = encode(np.zeros((3000, 3000), np.uint8), optimize=True)
     assert len(bomb) < 64 * 1024
-    message = error(service.client.post(URL, files=[("images", ("bomb.png", bomb))], params={"resize": True}), 413)
+    message = error(
+        service.client.post(URL, files=[("images", ("bomb.png", bomb))], params={"resize": True}), 413
+    )
     assert "max_image_pixels" in message and "images[0]" in message
     array = {"array": {"b64": b64(b"\0"), "shape": [1, 3000, 3000]}}
     assert "max_image_pixels" in error(service.client.post(URL, json=array), 413)

@@ -1,0 +1,190 @@
+"""The `oodflow` command line (DESIGN.md §5). One console script, one verb per step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_REPOSITORY = "./model-repository"
+
+
+def _repository(value: str | None) -> Path:
+    return Path(value or os.environ.get("OODFLOW_MODEL_REPOSITORY") or DEFAULT_REPOSITORY)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a preset name (see `oodflow presets`) or a TOML/YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=500 (repeatable)")
+
+
+def _run_dir(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / name
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from training.config import PRESETS
+
+    for name, cfg in PRESETS.items():
+        print(f"{name:28s} {cfg.model.kind:9s} {cfg.description}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.config import load_run_config
+    from training.runs import load_splits
+    from training.train import train
+
+    config = load_run_config(args.config, args.overrides)
+    run_dir = _run_dir(args, config.name)
+    if args.resume and (run_dir / "config.json").is_file():
+        from training.runs import Run
+
+        saved = Run(run_dir).config
+        if saved != config:
+            raise ValueError(f"{run_dir}: --resume with a different config than the run was started with")
+    splits = load_splits(config, with_eval_sets=False)
+    from training.runs import Run
+
+    Run(run_dir, config).dir.mkdir(parents=True, exist_ok=True)
+    Run(run_dir, config).write_json("splits.json", {
+        "train_fingerprint": splits.fingerprint, "train_size": len(splits.train),
+        "validation_size": len(splits.validation), "calibration_size": len(splits.calibration),
+    })
+    result = train(config, run_dir, resume=args.resume, max_minutes=args.max_minutes, device=args.device,
+                   progress=not args.no_progress, splits=splits)
+    state = "finished" if result.completed else "stopped at the time budget (resume with --resume)"
+    print(f"{config.name}: {state} after {result.steps} steps; train {result.final_bits_per_dim:.4f} bits/dim, "
+          f"validation {result.validation_bits_per_dim:.4f} bits/dim; run folder {run_dir}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from training.calibrate import calibrate
+
+    c = calibrate(args.run_dir, device=args.device)
+    print(f"threshold {c['threshold']:.5f} ({c['statistic']}) at target FPR {c['target_fpr']:.1%} on "
+          f"{c['validation_size']} held-out images; observed FPR {c['validation_fpr']:.2%}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate
+    from training.runs import Run
+
+    if args.ood:
+        run = Run(Path(args.run_dir))
+        updated = run.config.model_copy(update={"data": run.config.data.model_copy(update={"ood_sets": args.ood})})
+        Run(run.dir, updated).write_config()
+    r = evaluate(args.run_dir, device=args.device)
+    idd = r["in_distribution"]
+    print(f"in-distribution {idd['dataset']}: {idd['mean_bits_per_dim']:.4f} bits/dim, "
+          f"{idd['flagged_fraction']:.1%} flagged")
+    for m in r["ood"]:
+        print(f"{m['dataset']:>20s}: AUROC {m['auroc']:.4f}  AUPR-In {m['aupr_in']:.4f}  AUPR-Out {m['aupr_out']:.4f}"
+              f"  FPR@95TPR {m['fpr_at_95_tpr']:.4f}  {m['mean_bits_per_dim']:.4f} bits/dim  "
+              f"{m['flagged_fraction']:.1%} flagged")
+    print(f"report: {Path(args.run_dir) / 'report' / 'report.md'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from training.pipeline import export_run
+
+    path = export_run(Path(args.run_dir), _repository(args.repository), name=args.name, version=args.version)
+    print(f"exported {path}")
+    return 0
+
+
+def _cmd_build_defaults(args: argparse.Namespace) -> int:
+    from training.pipeline import build_defaults
+
+    built = build_defaults(_repository(args.repository), runs_dir=Path(args.runs_dir), device=args.device,
+                           progress=not args.no_progress, force=args.force)
+    for name, info in built.items():
+        detail = info if isinstance(info, str) else f"{info['path']} ({info['seconds']} s)"
+        print(f"{name}: {detail}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.app import serve
+
+    overrides = {"model_repository": str(_repository(args.repository))}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    serve(overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oodflow", description="OOD scoring with normalizing flows")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list the named training presets")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("train", help="train a flow from a preset or config file")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run folder (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--max-minutes", type=float, help="stop cleanly after this many minutes")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    for verb, fn, text in (("calibrate", _cmd_calibrate, "set the OOD threshold on held-out in-distribution data"),
+                           ("evaluate", _cmd_evaluate, "AUROC/AUPR/FPR@95 against OOD sets; writes the report")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("run_dir", help="a run folder made by `oodflow train`")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        if verb == "evaluate":
+            p.add_argument("--ood", action="append", help="OOD dataset spec (repeatable; default from the config)")
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser("export", help="write a run as a verified artifact version")
+    p.add_argument("run_dir")
+    p.add_argument("--repository")
+    p.add_argument("--name", help="model name (default: the run config's name)")
+    p.add_argument("--version", type=int, help="version number (default: next free)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("build-defaults", help="train, calibrate, evaluate and export the default models")
+    p.add_argument("--repository")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--force", action="store_true", help="rebuild even if a verified version exists")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_build_defaults)
+
+    p = sub.add_parser("serve", help="serve the model repository over HTTP")
+    p.add_argument("--repository")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        # Dataset, config and artifact errors carry one-line messages meant for the user.
+        print(f"oodflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
