@@ -125,7 +125,7 @@ class FileEntry(_Schema):
 
 
 class Manifest(_Schema):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str
     version: int = Field(ge=1)
     kind: Literal["pixel", "embedding"]
@@ -216,7 +216,9 @@ def find_versions(repository: Path, name: str) -> list[int]:
     folder = Path(repository) / name
     if not folder.is_dir():
         return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(
+        int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def latest_version(repository: Path, name: str) -> int | None:

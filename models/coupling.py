@@ -20,6 +20,9 @@ __all__ = ["AffineCoupling"]
 
 
 class AffineCoupling(Transform):
+    condition: Tensor
+    transformed: Tensor
+
     def __init__(self, shape: tuple[int, ...], mask: Mask, net_factory: NetFactory, clamp: float = 2.0):
         super().__init__()
         self.shape = tuple(shape)

@@ -190,6 +190,9 @@ class FeatureProjection(nn.Module):
     """Feature post-processing inside the model: optional L2 normalisation, then a fitted
     whitening `(f − mean) @ matrix` (shrunk-covariance PCA). Identity until `fit` is called."""
 
+    mean: Tensor
+    matrix: Tensor
+
     def __init__(self, in_features: int, out_features: int, l2_normalize: bool) -> None:
         super().__init__()
         self.l2_normalize = l2_normalize

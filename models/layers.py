@@ -78,6 +78,11 @@ class InvertibleConv1x1(Transform):
     """Glow's 1x1 convolution with `W = P L (U + diag(sign * exp(log_s)))` so that the
     log-determinant is `H * W * sum(log_s)`: cheap and exportable (no slogdet in the graph)."""
 
+    perm: Tensor
+    sign_s: Tensor
+    lower_mask: Tensor
+    eye: Tensor
+
     def __init__(self, channels: int, seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
@@ -110,6 +115,9 @@ class InvertibleConv1x1(Transform):
 
 class Permutation(Transform):
     """A fixed random permutation of vector features (volume preserving)."""
+
+    perm: Tensor
+    inv_perm: Tensor
 
     def __init__(self, features: int, seed: int = 0) -> None:
         super().__init__()

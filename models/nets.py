@@ -33,7 +33,7 @@ class _ResNet(nn.Module):
         self.act = nn.ReLU()
         self.head = nn.Conv2d(width, out_channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.head.bias)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.act(self.blocks(self.stem(x))))
@@ -57,7 +57,7 @@ class _Bottleneck(nn.Module):
         self.up = nn.Linear(latent_dim, width * h * w)
         self.head = nn.Conv2d(width, out_channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.head.bias)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.encoder(self.stem(x)))
@@ -77,7 +77,7 @@ class _MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(size, out_features)
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.head.bias)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))

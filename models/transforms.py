@@ -56,14 +56,14 @@ class CompositeTransform(Transform):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         total = _zeros(x)
         for transform in self.transforms:
-            x, logabsdet = transform(x)
+            x, logabsdet = transform(x)  # type: ignore[operator]
             total = total + logabsdet
         return x, total
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         total = _zeros(z)
         for transform in reversed(self.transforms):
-            z, logabsdet = transform.inverse(z)
+            z, logabsdet = transform.inverse(z)  # type: ignore[operator]
             total = total + logabsdet
         return z, total
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
+from service.auth import add_security_to_openapi
 from service.errors import install_error_handlers
 from service.logs import RequestContextMiddleware, configure_logging
 from service.registry import Registry, ScorerWrapper
@@ -52,6 +53,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         ref_template="#/components/schemas/{model}",
     )
     schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    add_security_to_openapi(schema, app.state.service.settings)
     app.openapi_schema = schema
     return schema
 

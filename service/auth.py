@@ -1,58 +1,80 @@
 """Optional API keys: `Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time.
 
 With no key configured (`OODFLOW_API_KEYS` / `OODFLOW_API_KEY_FILE`) every request is let in.
-Health and metrics stay open unless `protect_health_and_metrics` is set.
+Health, readiness, metrics and `/v2` server metadata stay open unless `protect_health_and_metrics`
+is set; the API documentation is always open. The check runs in the request middleware, before
+routing, so a refused request costs next to nothing; the OpenAPI document declares both schemes.
 """
 
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
-from fastapi import Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from service.settings import Settings
 
-from service.errors import Unauthorized
+__all__ = [
+    "DOC_PATHS",
+    "HEALTH_PATHS",
+    "add_security_to_openapi",
+    "check_api_key",
+    "key_matches",
+    "needs_key",
+]
 
-__all__ = ["key_matches", "require_api_key", "require_api_key_if_protected"]
-
-_bearer = HTTPBearer(auto_error=False, description="an API key as a bearer token")
-_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key")
-_BEARER = Security(_bearer)
-_HEADER = Security(_header)
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"})
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
-def key_matches(given: str, keys: list[bytes]) -> bool:
+def key_matches(given: str | bytes, keys: list[bytes]) -> bool:
     """True if `given` equals one of `keys`; every key is compared, each in constant time."""
-    candidate = given.encode()
+    candidate = given.encode() if isinstance(given, str) else given
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(candidate, key)
     return matched
 
 
-def _check(request: Request, bearer: HTTPAuthorizationCredentials | None, header: str | None) -> None:
-    keys: list[bytes] = request.app.state.service.api_keys
+def needs_key(path: str, settings: Settings) -> bool:
+    if path in DOC_PATHS:
+        return False
+    return settings.protect_health_and_metrics or path not in HEALTH_PATHS
+
+
+def check_api_key(headers: list[tuple[bytes, bytes]], keys: list[bytes]) -> str | None:
+    """None if the request may pass, else why not (for the 401 message). `headers`: ASGI raw."""
     if not keys:
-        return
-    given = header if header else (bearer.credentials if bearer is not None else None)
+        return None
+    given: bytes | None = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            given = value.strip()
+            break
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            given = value[7:].strip()
     if not given:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        return "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
     if not key_matches(given, keys):
-        raise Unauthorized("invalid API key")
+        return "invalid API key"
+    return None
 
 
-async def require_api_key(
-    request: Request,
-    bearer: HTTPAuthorizationCredentials | None = _BEARER,
-    header: str | None = _HEADER,
-) -> None:
-    _check(request, bearer, header)
-
-
-async def require_api_key_if_protected(
-    request: Request,
-    bearer: HTTPAuthorizationCredentials | None = _BEARER,
-    header: str | None = _HEADER,
-) -> None:
-    if request.app.state.service.settings.protect_health_and_metrics:
-        _check(request, bearer, header)
+def add_security_to_openapi(schema: dict[str, Any], settings: Settings) -> None:
+    """Declare the two key schemes and, when keys are configured, require one on protected paths."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["bearer"] = {"type": "http", "scheme": "bearer", "description": "an API key as a bearer token"}
+    schemes["apiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "an API key"}
+    if not (settings.api_keys or settings.api_key_file):
+        return
+    for path, operations in schema.get("paths", {}).items():
+        if not needs_key(path, settings):
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearer": []}, {"apiKey": []}]
+            operation.setdefault("responses", {}).setdefault(
+                "401",
+                {
+                    "description": "missing or invalid API key",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                },
+            )

@@ -3,8 +3,10 @@
 `submit(images)` queues one request's `(n, C, H, W)` batch and resolves with its outputs in input
 order. The loop gathers queued images until `max_batch_images` are waiting or the oldest has waited
 `max_wait_s`, cuts a batch (splitting a large request over several batches and packing small ones
-together), and runs it in the model's own inference thread so the event loop keeps serving. While
-a batch runs, the next one gathers: under load batches fill up without waiting.
+together), and runs it in the model's own inference thread(s) so the event loop keeps serving. While
+a batch runs, the next one gathers: under load batches fill up without waiting. With
+`concurrent_batches` > 1, that many batches run at once (each in its own thread), which keeps the
+cores busy while Python prepares the next batch.
 
 Work whose caller has gone (its `submit` was cancelled) is dropped before it is run. The queue is
 bounded in images: beyond `max_queue_images`, `submit` raises `QueueFull` with a wait estimate.
@@ -50,7 +52,7 @@ class _Work:
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float
     taken: int = 0  # images handed to a batch so far
-    parts: list[dict[str, np.ndarray]] = field(default_factory=list)
+    parts: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)  # (start, outputs)
     received: int = 0
 
     @property
@@ -67,6 +69,7 @@ class Batcher:
         max_batch_images: int,
         max_wait_s: float,
         max_queue_images: int,
+        concurrent_batches: int = 1,
         observer: BatchObserver | None = None,
     ) -> None:
         self.name = name
@@ -74,6 +77,7 @@ class Batcher:
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
+        self.concurrent_batches = concurrent_batches
         self._observer = observer
         self._queue: collections.deque[_Work] = collections.deque()
         self._queued_images = 0
@@ -83,7 +87,9 @@ class Batcher:
         self._idle.set()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=concurrent_batches, thread_name_prefix=f"infer-{name}"
+        )
         self._seconds_per_batch = 0.05  # running estimate, for Retry-After
 
     # ------------------------------------------------------------------ public
@@ -197,46 +203,61 @@ class Batcher:
         return outputs, time.perf_counter() - start
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.concurrent_batches)
+        running: set[asyncio.Task[None]] = set()
         while True:
             if not self._queue:
                 self._update_idle()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await slots.acquire()  # while every slot runs, the queue keeps gathering
+            if not self._queue:
+                slots.release()
+                continue
             await self._gather()
             slices = self._cut()
             self._report_depth()
             if not slices:
+                slots.release()
                 continue
-            parts = [work.images[a:b] for work, a, b in slices]
-            images = parts[0] if len(parts) == 1 else np.concatenate(parts)
             self._in_flight += 1
-            try:
-                outputs, seconds = await loop.run_in_executor(self._executor, self._timed_run, images)
-            except Exception as exc:  # noqa: BLE001 - handed to every caller in the batch
-                for work, _, _ in slices:
-                    if not work.future.done():
-                        work.future.set_exception(exc)
-                continue
-            finally:
-                self._in_flight -= 1
-            self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * seconds
-            if self._observer is not None:
-                self._observer.batch_done(self.name, int(images.shape[0]), seconds)
-            self._distribute(slices, outputs)
+            task = asyncio.get_running_loop().create_task(self._run(slices, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+    async def _run(self, slices: list[tuple[_Work, int, int]], slots: asyncio.Semaphore) -> None:
+        parts = [work.images[a:b] for work, a, b in slices]
+        images = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, seconds = await loop.run_in_executor(self._executor, self._timed_run, images)
+        except Exception as exc:  # noqa: BLE001 - handed to every caller in the batch
+            for work, _, _ in slices:
+                if not work.future.done():
+                    work.future.set_exception(exc)
+            return
+        finally:
+            self._in_flight -= 1
+            slots.release()
+            self._update_idle()
+        self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * seconds
+        if self._observer is not None:
+            self._observer.batch_done(self.name, int(images.shape[0]), seconds)
+        self._distribute(slices, outputs)
 
     def _distribute(self, slices: list[tuple[_Work, int, int]], outputs: Mapping[str, np.ndarray]) -> None:
         offset = 0
         for work, a, b in slices:
             n = b - a
             if not work.future.done():
-                work.parts.append({k: v[offset : offset + n] for k, v in outputs.items()})
+                work.parts.append((a, {k: v[offset : offset + n] for k, v in outputs.items()}))
                 work.received += n
                 if work.received == work.size:
                     if len(work.parts) == 1:
-                        result = {k: np.array(v) for k, v in work.parts[0].items()}
-                    else:
-                        result = {k: np.concatenate([p[k] for p in work.parts]) for k in work.parts[0]}
+                        result = {k: np.array(v) for k, v in work.parts[0][1].items()}
+                    else:  # batches may finish out of order when several run at once
+                        ordered = [p for _, p in sorted(work.parts, key=lambda part: part[0])]
+                        result = {k: np.concatenate([p[k] for p in ordered]) for k in ordered[0]}
                     work.future.set_result(result)
             offset += n

@@ -8,16 +8,18 @@ access-log line with method, path, status and duration.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import check_api_key, needs_key
 from service.errors import error_response
 
 __all__ = ["JsonFormatter", "RequestContextMiddleware", "configure_logging", "request_id"]
@@ -62,18 +64,23 @@ def configure_logging(level: str = "info", json_lines: bool = True) -> None:
         logger.propagate = True
 
 
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def _sane_id(raw: bytes | None) -> str:
+    """The client's id if sane, else `<random per process>-<counter>` (unique, and no syscall)."""
     if raw and len(raw) <= 128 and all(33 <= c <= 126 for c in raw):
         return raw.decode("ascii")
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
 
 
 _OPEN_WHILE_DRAINING = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 
 class RequestContextMiddleware:
-    """Pure ASGI (cheaper than BaseHTTPMiddleware): request id, access log, request metrics, and
-    503 for new requests once the service drains for shutdown."""
+    """Pure ASGI (cheaper than BaseHTTPMiddleware): request id, access log, request metrics, API-key
+    check (401), and 503 for new requests once the service drains for shutdown."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -97,16 +104,19 @@ class RequestContextMiddleware:
                 message["headers"] = [*message["headers"], rid_header]
             await send(message)
 
-        state = scope["app"].state.service if "app" in scope else None
+        state = scope["app"].state.service
+        path = scope["path"]
         try:
-            if state is not None and state.draining and scope["path"] not in _OPEN_WHILE_DRAINING:
-                response = error_response(
-                    503,
-                    "shutting_down",
-                    "the service is shutting down",
-                    {"Retry-After": "1", "Connection": "close"},
-                    scope["path"],
-                )
+            refusal = None
+            if state.api_keys and needs_key(path, state.settings):
+                refusal = check_api_key(scope["headers"], state.api_keys)
+            if refusal is not None:
+                headers = {"WWW-Authenticate": 'Bearer realm="oodflow"'}
+                response = error_response(401, "unauthorized", refusal, headers, path)
+                await response(scope, receive, send_with_id)
+            elif state.draining and path not in _OPEN_WHILE_DRAINING:
+                headers = {"Retry-After": "1", "Connection": "close"}
+                response = error_response(503, "shutting_down", "the service is shutting down", headers, path)
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
@@ -114,19 +124,13 @@ class RequestContextMiddleware:
             seconds = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            service = state if state is not None else _state_of(self.app)
-            if service is not None:
-                service.metrics.request(template, scope["method"], status, seconds)
-            access_log.info(
-                "%s %s %s",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={"status": status, "duration_ms": round(seconds * 1000, 3), "route": template},
-            )
+            state.metrics.request(template, scope["method"], status, seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    path,
+                    status,
+                    extra={"status": status, "duration_ms": round(seconds * 1000, 3), "route": template},
+                )
             request_id.reset(token)
-
-
-def _state_of(app: ASGIApp) -> Any:
-    state = getattr(app, "state", None)
-    return getattr(state, "service", None)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -60,37 +62,47 @@ class Metrics:
         )
         self.model_ready = Gauge("oodflow_model_ready", "1 when the model serves", ["model"], registry=r)
 
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: label lookup is a measurable cost per request."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     # BatchObserver
     def batch_done(self, model: str, images: int, seconds: float) -> None:
-        self.batch_images.labels(model).observe(images)
-        self.stage_seconds.labels("inference", model).observe(seconds)
+        self._child(self.batch_images, model).observe(images)
+        self._child(self.stage_seconds, "inference", model).observe(seconds)
 
     def queue_waited(self, model: str, seconds: float) -> None:
-        self.stage_seconds.labels("queue_wait", model).observe(seconds)
+        self._child(self.stage_seconds, "queue_wait", model).observe(seconds)
 
     def queue_depth(self, model: str, images: int) -> None:
-        self.queue_images.labels(model).set(images)
+        self._child(self.queue_images, model).set(images)
 
     # request path
     def stage(self, stage: str, model: str, seconds: float) -> None:
-        self.stage_seconds.labels(stage, model).observe(seconds)
+        self._child(self.stage_seconds, stage, model).observe(seconds)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        self._child(self.requests, route, method, str(status)).inc()
+        self._child(self.request_seconds, route).observe(seconds)
 
     def scores(self, model: str, bits_per_dim: np.ndarray, is_ood: np.ndarray) -> None:
-        histogram = self.bits_per_dim.labels(model)
+        histogram = self._child(self.bits_per_dim, model)
         for value in bits_per_dim.tolist():
             histogram.observe(value)
         flagged = int(np.count_nonzero(is_ood))
         if flagged:
-            self.verdicts.labels(model, "ood").inc(flagged)
+            self._child(self.verdicts, model, "ood").inc(flagged)
         if len(is_ood) - flagged:
-            self.verdicts.labels(model, "in_distribution").inc(len(is_ood) - flagged)
+            self._child(self.verdicts, model, "in_distribution").inc(len(is_ood) - flagged)
 
     def set_ready(self, model: str, ready: bool) -> None:
-        self.model_ready.labels(model).set(1.0 if ready else 0.0)
+        self._child(self.model_ready, model).set(1.0 if ready else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     )
     ort_allow_spinning: bool = Field(
         default=False,
-        description="let idle ONNX Runtime threads spin; off by default: on a small CPU they starve the event loop",
+        description="let idle ONNX Runtime threads spin (off: on a small CPU they starve the event loop)",
     )
     intra_op_threads: int = Field(
         default=0, ge=0, description="threads per inference call; 0: runtime default"
@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(default=64, ge=1, description="largest batch the batcher runs")
     max_wait_ms: float = Field(
         default=1.0, ge=0.0, le=10_000.0, description="longest an image waits for a batch"
+    )
+    concurrent_batches: int = Field(
+        default=1, ge=1, le=64, description="batches of one model run at once, each in its own thread"
     )
     max_queue_images: int = Field(default=4096, ge=1, description="images queued per model before 429")
     decode_workers: int = Field(default_factory=_default_decode_workers, ge=1)

@@ -72,6 +72,7 @@ class ServiceState:
             max_batch_images=s.max_batch_images,
             max_wait_s=s.max_wait_ms / 1000.0,
             max_queue_images=s.max_queue_images,
+            concurrent_batches=s.concurrent_batches,
             observer=self.metrics,
         )
         entry.batcher.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,8 +18,14 @@ def _repository(value: str | None) -> Path:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a preset name (see `oodflow presets`) or a TOML/YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=500 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.max_steps=500 (repeatable)",
+    )
 
 
 def _run_dir(args: argparse.Namespace, name: str) -> Path:
@@ -52,15 +57,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from training.runs import Run
 
     Run(run_dir, config).dir.mkdir(parents=True, exist_ok=True)
-    Run(run_dir, config).write_json("splits.json", {
-        "train_fingerprint": splits.fingerprint, "train_size": len(splits.train),
-        "validation_size": len(splits.validation), "calibration_size": len(splits.calibration),
-    })
-    result = train(config, run_dir, resume=args.resume, max_minutes=args.max_minutes, device=args.device,
-                   progress=not args.no_progress, splits=splits)
+    Run(run_dir, config).write_json(
+        "splits.json",
+        {
+            "train_fingerprint": splits.fingerprint,
+            "train_size": len(splits.train),
+            "validation_size": len(splits.validation),
+            "calibration_size": len(splits.calibration),
+        },
+    )
+    result = train(
+        config,
+        run_dir,
+        resume=args.resume,
+        max_minutes=args.max_minutes,
+        device=args.device,
+        progress=not args.no_progress,
+        splits=splits,
+    )
     state = "finished" if result.completed else "stopped at the time budget (resume with --resume)"
-    print(f"{config.name}: {state} after {result.steps} steps; train {result.final_bits_per_dim:.4f} bits/dim, "
-          f"validation {result.validation_bits_per_dim:.4f} bits/dim; run folder {run_dir}")
+    print(
+        f"{config.name}: {state} after {result.steps} steps; train {result.final_bits_per_dim:.4f} bits/dim, "
+        f"validation {result.validation_bits_per_dim:.4f} bits/dim; run folder {run_dir}"
+    )
     return 0
 
 
@@ -68,8 +87,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate
 
     c = calibrate(args.run_dir, device=args.device)
-    print(f"threshold {c['threshold']:.5f} ({c['statistic']}) at target FPR {c['target_fpr']:.1%} on "
-          f"{c['validation_size']} held-out images; observed FPR {c['validation_fpr']:.2%}")
+    print(
+        f"threshold {c['threshold']:.5f} ({c['statistic']}) at target FPR {c['target_fpr']:.1%} on "
+        f"{c['validation_size']} held-out images; observed FPR {c['validation_fpr']:.2%}"
+    )
     return 0
 
 
@@ -79,16 +100,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.ood:
         run = Run(Path(args.run_dir))
-        updated = run.config.model_copy(update={"data": run.config.data.model_copy(update={"ood_sets": args.ood})})
+        updated = run.config.model_copy(
+            update={"data": run.config.data.model_copy(update={"ood_sets": args.ood})}
+        )
         Run(run.dir, updated).write_config()
     r = evaluate(args.run_dir, device=args.device)
     idd = r["in_distribution"]
-    print(f"in-distribution {idd['dataset']}: {idd['mean_bits_per_dim']:.4f} bits/dim, "
-          f"{idd['flagged_fraction']:.1%} flagged")
+    print(
+        f"in-distribution {idd['dataset']}: {idd['mean_bits_per_dim']:.4f} bits/dim, "
+        f"{idd['flagged_fraction']:.1%} flagged"
+    )
     for m in r["ood"]:
-        print(f"{m['dataset']:>20s}: AUROC {m['auroc']:.4f}  AUPR-In {m['aupr_in']:.4f}  AUPR-Out {m['aupr_out']:.4f}"
-              f"  FPR@95TPR {m['fpr_at_95_tpr']:.4f}  {m['mean_bits_per_dim']:.4f} bits/dim  "
-              f"{m['flagged_fraction']:.1%} flagged")
+        print(
+            f"{m['dataset']:>20s}: AUROC {m['auroc']:.4f}  AUPR-In {m['aupr_in']:.4f}  AUPR-Out {m['aupr_out']:.4f}"
+            f"  FPR@95TPR {m['fpr_at_95_tpr']:.4f}  {m['mean_bits_per_dim']:.4f} bits/dim  "
+            f"{m['flagged_fraction']:.1%} flagged"
+        )
     print(f"report: {Path(args.run_dir) / 'report' / 'report.md'}")
     return 0
 
@@ -104,8 +131,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_build_defaults(args: argparse.Namespace) -> int:
     from training.pipeline import build_defaults
 
-    built = build_defaults(_repository(args.repository), runs_dir=Path(args.runs_dir), device=args.device,
-                           progress=not args.no_progress, force=args.force)
+    built = build_defaults(
+        _repository(args.repository),
+        runs_dir=Path(args.runs_dir),
+        device=args.device,
+        progress=not args.no_progress,
+        force=args.force,
+    )
     for name, info in built.items():
         detail = info if isinstance(info, str) else f"{info['path']} ({info['seconds']} s)"
         print(f"{name}: {detail}")
@@ -140,13 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    for verb, fn, text in (("calibrate", _cmd_calibrate, "set the OOD threshold on held-out in-distribution data"),
-                           ("evaluate", _cmd_evaluate, "AUROC/AUPR/FPR@95 against OOD sets; writes the report")):
+    for verb, fn, text in (
+        ("calibrate", _cmd_calibrate, "set the OOD threshold on held-out in-distribution data"),
+        ("evaluate", _cmd_evaluate, "AUROC/AUPR/FPR@95 against OOD sets; writes the report"),
+    ):
         p = sub.add_parser(verb, help=text)
         p.add_argument("run_dir", help="a run folder made by `oodflow train`")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         if verb == "evaluate":
-            p.add_argument("--ood", action="append", help="OOD dataset spec (repeatable; default from the config)")
+            p.add_argument(
+                "--ood", action="append", help="OOD dataset spec (repeatable; default from the config)"
+            )
         p.set_defaults(func=fn)
 
     p = sub.add_parser("export", help="write a run as a verified artifact version")

@@ -32,7 +32,9 @@ class DataConfig(_Config):
     test_set: str = "fashion-mnist:test"
     ood_sets: list[str] = Field(default_factory=lambda: ["mnist"])
     train_limit: int | None = Field(None, ge=1, description="seeded random sample of the training split")
-    calibration_size: int | float = Field(5000, description="held-out in-distribution images (count or fraction)")
+    calibration_size: int | float = Field(
+        5000, description="held-out in-distribution images (count or fraction)"
+    )
     test_limit: int | None = Field(None, ge=1)
     ood_limit: int | None = Field(None, ge=1)
     seed: int = 0
@@ -49,7 +51,9 @@ class TrainConfig(_Config):
     grad_clip: float = Field(100.0, gt=0)
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(20, ge=1)
-    eval_every: int = Field(0, ge=0, description="embedding flows: validation NLL every N steps (0: per epoch)")
+    eval_every: int = Field(
+        0, ge=0, description="embedding flows: validation NLL every N steps (0: per epoch)"
+    )
     validation_size: int = Field(1000, ge=0, description="training images held out for model selection")
     eval_batch_size: int = Field(256, ge=1)
     seed: int = 0
@@ -82,7 +86,7 @@ PRESETS: dict[str, RunConfig] = {
         "fmnist-pixel",
         "RealNVP on Fashion-MNIST pixels (multi-scale, checkerboard + channel masks)",
         PixelFlowConfig(architecture="realnvp", width=32, depth=2),
-        TrainConfig(batch_size=64, lr=2e-3, max_steps=1600, warmup_steps=50, checkpoint_every=200),
+        TrainConfig(batch_size=64, lr=2e-3, max_steps=1000, warmup_steps=50, checkpoint_every=100),
     ),
     "fmnist-pixel-glow": _pixel(
         "fmnist-pixel-glow",
@@ -96,26 +100,54 @@ PRESETS: dict[str, RunConfig] = {
         model=EmbeddingFlowConfig(projection_dim=256, hidden=256, depth=1, num_couplings=4),
         data=DataConfig(train_limit=20000),
         train=TrainConfig(
-            batch_size=256, lr=1e-4, weight_decay=1e-4, max_steps=1500, warmup_steps=0,
-            schedule="constant", eval_every=100, validation_size=2000, checkpoint_every=500,
+            batch_size=256,
+            lr=1e-4,
+            weight_decay=1e-4,
+            max_steps=1200,
+            warmup_steps=0,
+            schedule="constant",
+            eval_every=100,
+            validation_size=2000,
+            checkpoint_every=500,
         ),
     ),
 }
 PRESETS["fmnist-pixel-realnvp-quick"] = _pixel(
     "fmnist-pixel-quick",
     "tiny RealNVP for tests",
-    PixelFlowConfig(architecture="realnvp", width=8, depth=1, num_scales=2, couplings_per_scale=2,
-                    channel_couplings=1, final_couplings=2),
-    TrainConfig(batch_size=32, lr=2e-3, max_steps=40, warmup_steps=5, checkpoint_every=10, log_every=5,
-                validation_size=64),
+    PixelFlowConfig(
+        architecture="realnvp",
+        width=8,
+        depth=1,
+        num_scales=2,
+        couplings_per_scale=2,
+        channel_couplings=1,
+        final_couplings=2,
+    ),
+    TrainConfig(
+        batch_size=32,
+        lr=2e-3,
+        max_steps=40,
+        warmup_steps=5,
+        checkpoint_every=10,
+        log_every=5,
+        validation_size=64,
+    ),
     **_QUICK_DATA,
 )
 PRESETS["fmnist-pixel-glow-quick"] = _pixel(
     "fmnist-pixel-glow-quick",
     "tiny Glow for tests",
     PixelFlowConfig(architecture="glow", width=8, depth=1, num_scales=2, steps_per_level=2),
-    TrainConfig(batch_size=32, lr=2e-3, max_steps=40, warmup_steps=5, checkpoint_every=10, log_every=5,
-                validation_size=64),
+    TrainConfig(
+        batch_size=32,
+        lr=2e-3,
+        max_steps=40,
+        warmup_steps=5,
+        checkpoint_every=10,
+        log_every=5,
+        validation_size=64,
+    ),
     **_QUICK_DATA,
 )
 PRESETS["fmnist-embedding-quick"] = RunConfig(
@@ -123,8 +155,17 @@ PRESETS["fmnist-embedding-quick"] = RunConfig(
     description="tiny embedding flow for tests",
     model=EmbeddingFlowConfig(resolution=32, projection_dim=16, hidden=32, num_couplings=2),
     data=DataConfig(train_limit=384, calibration_size=128, test_limit=128, ood_limit=128),
-    train=TrainConfig(batch_size=64, lr=1e-3, max_steps=30, warmup_steps=0, schedule="constant",
-                      eval_every=10, validation_size=64, checkpoint_every=10, log_every=5),
+    train=TrainConfig(
+        batch_size=64,
+        lr=1e-3,
+        max_steps=30,
+        warmup_steps=0,
+        schedule="constant",
+        eval_every=10,
+        validation_size=64,
+        checkpoint_every=10,
+        log_every=5,
+    ),
 )
 PRESETS["fmnist-pixel"] = PRESETS["fmnist-pixel-realnvp"]
 
@@ -148,7 +189,9 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
                 raise ValueError(f"override '{key}': '{part}' is not a config section")
             node = node[part]
         if parts[-1] not in node:
-            raise ValueError(f"override '{key}': unknown key '{parts[-1]}' (known: {', '.join(sorted(node))})")
+            raise ValueError(
+                f"override '{key}': unknown key '{parts[-1]}' (known: {', '.join(sorted(node))})"
+            )
         node[parts[-1]] = _parse_value(raw)
     return RunConfig.model_validate(data)
 
@@ -161,7 +204,9 @@ def load_run_config(preset_or_path: str, overrides: list[str] | None = None) -> 
     else:
         path = Path(preset_or_path)
         if not path.is_file():
-            raise ValueError(f"'{preset_or_path}' is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+            raise ValueError(
+                f"'{preset_or_path}' is neither a preset ({', '.join(sorted(PRESETS))}) nor a file"
+            )
         text = path.read_text()
         raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
         if not isinstance(raw, dict):

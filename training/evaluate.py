@@ -38,7 +38,9 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     }
 
 
-def gaussian_baseline(train: np.ndarray, test: np.ndarray, oods: dict[str, np.ndarray], l2: bool) -> dict[str, Any]:
+def gaussian_baseline(
+    train: np.ndarray, test: np.ndarray, oods: dict[str, np.ndarray], l2: bool
+) -> dict[str, Any]:
     """A full-covariance Gaussian on the same backbone features (Mahalanobis-style baseline)."""
 
     def prep(f: np.ndarray) -> np.ndarray:
@@ -64,7 +66,9 @@ def _plot(path, title: str, xlabel: str, series: dict[str, np.ndarray], threshol
     lo, hi = np.percentile(finite, [0.5, 99.5])
     bins = np.linspace(lo, hi, 60)
     for name, values in series.items():
-        ax.hist(np.clip(values, lo, hi), bins=bins, alpha=0.5, density=True, label=f"{name} (n={len(values)})")
+        ax.hist(
+            np.clip(values, lo, hi), bins=bins, alpha=0.5, density=True, label=f"{name} (n={len(values)})"
+        )
     ax.axvline(threshold, color="k", linestyle="--", label="calibrated threshold")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
@@ -128,8 +132,13 @@ def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None
         metrics = ood_metrics(test_scores, scores)
         bpd = bits_per_dim(ll, num_dims)
         results["ood"].append(
-            {"dataset": name, "size": len(ll), **metrics, "mean_bits_per_dim": float(np.mean(bpd)),
-             "flagged_fraction": float(np.mean(scores > threshold))}
+            {
+                "dataset": name,
+                "size": len(ll),
+                **metrics,
+                "mean_bits_per_dim": float(np.mean(bpd)),
+                "flagged_fraction": float(np.mean(scores > threshold)),
+            }
         )
         bpd_series[f"{name} (OOD)"] = bpd
         score_series[f"{name} (OOD)"] = scores
@@ -149,10 +158,20 @@ def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None
     report = run.report_dir
     report.mkdir(parents=True, exist_ok=True)
     unit = "bits/dim" if model.kind == "pixel" else "bits per feature dim"
-    _plot(report / "histogram_bits_per_dim.png", f"{config.name}: {unit} per dataset", unit, bpd_series,
-          threshold if calibration["statistic"] == "nll" else float("nan"))
-    _plot(report / "histogram_ood_score.png", f"{config.name}: ood_score ({calibration['statistic']})",
-          "ood_score (higher = more OOD)", score_series, threshold)
+    _plot(
+        report / "histogram_bits_per_dim.png",
+        f"{config.name}: {unit} per dataset",
+        unit,
+        bpd_series,
+        threshold if calibration["statistic"] == "nll" else float("nan"),
+    )
+    _plot(
+        report / "histogram_ood_score.png",
+        f"{config.name}: ood_score ({calibration['statistic']})",
+        "ood_score (higher = more OOD)",
+        score_series,
+        threshold,
+    )
     if curves:
         _roc_plot(report / "roc.png", curves, f"{config.name}: ROC, OOD positive")
     (report / "metrics.json").write_text(__import__("json").dumps(results, indent=2) + "\n")
@@ -198,15 +217,29 @@ def _markdown(run: Run, results: dict[str, Any], calibration: dict[str, Any]) ->
                 "a corrected statistic.\n"
             )
     if "baselines" in results:
-        lines += ["## Baseline on the same features", "",
-                  "A full-covariance Gaussian fitted to the same backbone features (after the same L2 normalisation):", "",
-                  "| OOD set | flow AUROC | Gaussian AUROC | flow FPR@95%TPR | Gaussian FPR@95%TPR |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Baseline on the same features",
+            "",
+            "A full-covariance Gaussian fitted to the same backbone features (after the same L2 normalisation):",
+            "",
+            "| OOD set | flow AUROC | Gaussian AUROC | flow FPR@95%TPR | Gaussian FPR@95%TPR |",
+            "|---|---|---|---|---|",
+        ]
         flow = {m["dataset"]: m for m in results["ood"]}
         for name, g in results["baselines"]["gaussian_full_covariance"].items():
             f = flow[name]
-            lines.append(f"| {name} | {f['auroc']:.4f} | {g['auroc']:.4f} | {f['fpr_at_95_tpr']:.4f} | {g['fpr_at_95_tpr']:.4f} |")
+            lines.append(
+                f"| {name} | {f['auroc']:.4f} | {g['auroc']:.4f} | {f['fpr_at_95_tpr']:.4f} | {g['fpr_at_95_tpr']:.4f} |"
+            )
         lines.append("")
-    lines += ["## Figures", "", "![bits/dim per dataset](histogram_bits_per_dim.png)", "",
-              "![ood score per dataset](histogram_ood_score.png)", "", "![ROC curves](roc.png)", ""]
+    lines += [
+        "## Figures",
+        "",
+        "![bits/dim per dataset](histogram_bits_per_dim.png)",
+        "",
+        "![ood score per dataset](histogram_ood_score.png)",
+        "",
+        "![ROC curves](roc.png)",
+        "",
+    ]
     return "\n".join(lines)

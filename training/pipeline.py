@@ -25,12 +25,18 @@ from training.calibrate import calibrate
 from training.config import PRESETS, RunConfig
 from training.evaluate import evaluate
 from training.export import export_artifact, next_version
-from training.runs import Run, load_splits
+from training.runs import Run, load_splits, resolve_device
 from training.train import train
 
 __all__ = ["DEFAULT_MODELS", "build_defaults", "build_run", "export_run"]
 
-DEFAULT_MODELS: dict[str, str] = {"fmnist-pixel": "fmnist-pixel-realnvp", "fmnist-embedding": "fmnist-embedding"}
+DEFAULT_MODELS: dict[str, str] = {
+    "fmnist-embedding": "fmnist-embedding",
+    "fmnist-pixel": "fmnist-pixel-realnvp",
+}
+# Training-time caps that keep `build-defaults` within 15 minutes on a 2-core CPU even when the
+# machine is slower than the one the step counts were sized on (the run then stops cleanly).
+DEFAULT_TRAIN_MINUTES: dict[str, float] = {"fmnist-embedding": 3.0, "fmnist-pixel": 9.0}
 
 _STATISTIC_TEXT = {
     "nll": "negative log-likelihood in bits/dim (one-sided: low likelihood is OOD)",
@@ -94,7 +100,9 @@ def _manifest(run: Run, name: str, version: int) -> Manifest:
     )
 
 
-def export_run(run_dir: Path, repository: Path, *, name: str | None = None, version: int | None = None) -> Path:
+def export_run(
+    run_dir: Path, repository: Path, *, name: str | None = None, version: int | None = None
+) -> Path:
     """Write the run as `<repository>/<name>/<version>/` after the parity check."""
     run = Run(run_dir)
     name = name or run.config.name
@@ -104,8 +112,12 @@ def export_run(run_dir: Path, repository: Path, *, name: str | None = None, vers
     # Parity on real images: in-distribution test images and, where there is one, an OOD set.
     pool = [splits.test.images[:4]] if splits.test is not None else [splits.calibration.images[:4]]
     pool += [d.images[:4] for d in splits.ood.values()]
-    images = torch.from_numpy(__import__("numpy").concatenate(pool + [splits.calibration.images[:8]])[:8].copy())
-    return export_artifact(model, _manifest(run, name, version), repository, images, report_dir=run.report_dir)
+    images = torch.from_numpy(
+        __import__("numpy").concatenate(pool + [splits.calibration.images[:8]])[:8].copy()
+    )
+    return export_artifact(
+        model, _manifest(run, name, version), repository, images, report_dir=run.report_dir
+    )
 
 
 def build_run(
@@ -123,14 +135,26 @@ def build_run(
     run = Run(run_dir, config)
     splits = load_splits(config)
     run.dir.mkdir(parents=True, exist_ok=True)
-    run.write_json("splits.json", {
-        "train_fingerprint": splits.fingerprint, "train_size": len(splits.train),
-        "validation_size": len(splits.validation), "calibration_size": len(splits.calibration),
-    })
+    run.write_json(
+        "splits.json",
+        {
+            "train_fingerprint": splits.fingerprint,
+            "train_size": len(splits.train),
+            "validation_size": len(splits.validation),
+            "calibration_size": len(splits.calibration),
+        },
+    )
     done = (run.dir / "train_summary.json").is_file() and run.weights_path.is_file()
     if not done:
-        train(config, run_dir, resume=resume and run.checkpoint_path.is_file(), device=device,
-              progress=progress, splits=splits, max_minutes=max_minutes)
+        train(
+            config,
+            run_dir,
+            resume=resume and run.checkpoint_path.is_file(),
+            device=device,
+            progress=progress,
+            splits=splits,
+            max_minutes=max_minutes,
+        )
     calibrate(str(run_dir), device=device, splits=splits)
     evaluate(str(run_dir), device=device, splits=splits)
     return export_run(run_dir, repository, name=name)
@@ -148,13 +172,19 @@ def _verified(repository: Path, name: str) -> bool:
 
 
 def build_defaults(
-    repository: Path, *, runs_dir: Path = Path("runs"), device: str = "auto", progress: bool = True,
+    repository: Path,
+    *,
+    runs_dir: Path = Path("runs"),
+    device: str = "auto",
+    progress: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
     """Build the default models into `repository`, skipping those already built and verified."""
     repository = Path(repository)
     built: dict[str, Any] = {}
-    todo = [(name, preset) for name, preset in DEFAULT_MODELS.items() if force or not _verified(repository, name)]
+    todo = [
+        (name, preset) for name, preset in DEFAULT_MODELS.items() if force or not _verified(repository, name)
+    ]
     for name in DEFAULT_MODELS:
         if (name, DEFAULT_MODELS[name]) not in todo:
             built[name] = "already built and verified"
@@ -162,7 +192,16 @@ def build_defaults(
     for name, preset in todo:
         overall.set_postfix(model=name)
         start = time.monotonic()
-        path = build_run(PRESETS[preset], runs_dir / name, repository, name=name, device=device, progress=progress)
+        minutes = None if resolve_device(device).type == "cuda" else DEFAULT_TRAIN_MINUTES.get(name)
+        path = build_run(
+            PRESETS[preset],
+            runs_dir / name,
+            repository,
+            name=name,
+            device=device,
+            progress=progress,
+            max_minutes=minutes,
+        )
         built[name] = {"path": str(path), "seconds": round(time.monotonic() - start, 1)}
         overall.update(1)
     overall.close()

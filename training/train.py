@@ -71,7 +71,9 @@ class _Trainer:
         self.run, self.model, self.splits, self.device = run, model, splits, device
         self.config = run.config
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=self.config.train.lr, weight_decay=self.config.train.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            params, lr=self.config.train.lr, weight_decay=self.config.train.weight_decay
+        )
         self.batch_generator = torch.Generator().manual_seed(self.config.train.seed)
         self.noise_generator = torch.Generator().manual_seed(self.config.train.seed + 1)
         self.step = 0
@@ -102,7 +104,9 @@ class _Trainer:
 
     def restore(self, payload: dict[str, Any]) -> None:
         if payload["config"] != self.config.model_dump_json():
-            raise ValueError(f"{self.run.checkpoint_path}: checkpoint was made with another config; not resuming")
+            raise ValueError(
+                f"{self.run.checkpoint_path}: checkpoint was made with another config; not resuming"
+            )
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step = int(payload["step"])
@@ -110,8 +114,14 @@ class _Trainer:
         self.noise_generator.set_state(payload["noise_generator"])
         self.best = payload["best"]
 
-    def fit(self, *, resume: bool, max_minutes: float | None, progress: bool,
-            on_step: Callable[[int], None] | None = None) -> TrainResult:
+    def fit(
+        self,
+        *,
+        resume: bool,
+        max_minutes: float | None,
+        progress: bool,
+        on_step: Callable[[int], None] | None = None,
+    ) -> TrainResult:
         t = self.config.train
         log_path = self.run.dir / "metrics.jsonl"
         if resume and self.run.checkpoint_path.is_file():
@@ -121,8 +131,15 @@ class _Trainer:
             log_path.write_text("")
         start = time.monotonic()
         images_seen = 0
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not progress, desc=self.config.name,
-                   unit="step", dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not progress,
+            desc=self.config.name,
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+        )
         last_bpd = float("nan")
         completed = True
         with open(log_path, "a") as log:
@@ -147,9 +164,13 @@ class _Trainer:
                     raise FloatingPointError(f"loss became {last_bpd} at step {self.step}; lower train.lr")
                 rate = images_seen / max(1e-9, time.monotonic() - start)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    record = {"step": self.step, "bits_per_dim": round(last_bpd, 5),
-                              "lr": learning_rate(self.config, self.step - 1), "images_per_s": round(rate, 1),
-                              "elapsed_s": round(time.monotonic() - start, 2)}
+                    record = {
+                        "step": self.step,
+                        "bits_per_dim": round(last_bpd, 5),
+                        "lr": learning_rate(self.config, self.step - 1),
+                        "images_per_s": round(rate, 1),
+                        "elapsed_s": round(time.monotonic() - start, 2),
+                    }
                     if self.select_best() and (self.step % (t.eval_every or t.log_every) == 0):
                         record["validation_bits_per_dim"] = round(self.track_best(), 5)
                     log.write(json.dumps(record) + "\n")
@@ -168,12 +189,19 @@ class _Trainer:
             self.model.load_state_dict(self.best[2])
         self.model.eval()
         val_bpd = self.validation_bits_per_dim()
-        save_file({k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}, str(self.run.weights_path))
+        save_file(
+            {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}, str(self.run.weights_path)
+        )
         seconds = time.monotonic() - start
-        summary = {"steps": self.step, "completed": completed, "seconds_this_session": round(seconds, 1),
-                   "final_train_bits_per_dim": last_bpd, "validation_bits_per_dim": val_bpd,
-                   "selected_step": self.best[1] if self.best else self.step,
-                   "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
+        summary = {
+            "steps": self.step,
+            "completed": completed,
+            "seconds_this_session": round(seconds, 1),
+            "final_train_bits_per_dim": last_bpd,
+            "validation_bits_per_dim": val_bpd,
+            "selected_step": self.best[1] if self.best else self.step,
+            "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+        }
         self.run.write_json("train_summary.json", summary)
         return TrainResult(self.run.dir, self.step, completed, seconds, last_bpd, val_bpd)
 
@@ -199,7 +227,9 @@ class _PixelTrainer(_Trainer):
             initialize_actnorm(self.model, self.train_images[idx].to(self.device))
 
     def loss(self) -> torch.Tensor:
-        idx = torch.randint(0, len(self.train_images), (self.config.train.batch_size,), generator=self.batch_generator)
+        idx = torch.randint(
+            0, len(self.train_images), (self.config.train.batch_size,), generator=self.batch_generator
+        )
         batch = self.train_images[idx]
         noise = torch.rand(batch.shape, generator=self.noise_generator)
         y = ((batch.float() + noise) / 256.0).to(self.device)
@@ -232,14 +262,18 @@ class _EmbeddingTrainer(_Trainer):
     def prepare(self) -> None:
         self.model.projection.fit(self.train_features, self.model.config.shrinkage)
         if any(isinstance(m, ActNorm) for m in self.model.modules()):
-            initialize_actnorm(self.model.flow, self.model.projection(self.train_features[:2048].to(self.device)))
+            initialize_actnorm(
+                self.model.flow, self.model.projection(self.train_features[:2048].to(self.device))
+            )
         self.track_best()
 
     def select_best(self) -> bool:
         return True
 
     def loss(self) -> torch.Tensor:
-        idx = torch.randint(0, len(self.train_features), (self.config.train.batch_size,), generator=self.batch_generator)
+        idx = torch.randint(
+            0, len(self.train_features), (self.config.train.batch_size,), generator=self.batch_generator
+        )
         ll = self.model.log_likelihood_features(self.train_features[idx].to(self.device))
         return -ll.mean() / (self.model.num_dims * LN2)
 
@@ -266,7 +300,9 @@ def train(
     np.random.seed(config.train.seed)
     run = Run(run_dir, config)
     if not resume and run.checkpoint_path.exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir"
+        )
     run.write_config()
     dev = resolve_device(device)
     splits = splits or load_splits(config, with_eval_sets=False)

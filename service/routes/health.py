@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.auth import require_api_key_if_protected
 from service.errors import error_body
 from service.metrics import CONTENT_TYPE_LATEST
 from service.routes.common import get_state, json_response
@@ -13,7 +12,7 @@ from service.schemas import Health, Readiness
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["health"], dependencies=[Depends(require_api_key_if_protected)])
+router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health, summary="The process is alive")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from service.auth import require_api_key
 from service.errors import NotReady
 from service.parsing import parse_score_body
 from service.routes.common import ERROR_RESPONSES, get_state, json_response, unless_disconnected
@@ -16,7 +15,7 @@ from service.scoring import ModelOutcome, decode_payload, score_model
 
 __all__ = ["SCORE_REQUEST_BODY", "router"]
 
-router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["v1"])
 
 SCORE_REQUEST_BODY = {
     "requestBody": {

@@ -14,10 +14,9 @@ from importlib.metadata import version as package_version
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.auth import require_api_key, require_api_key_if_protected
 from service.errors import BadRequest, ModelNotFound, error_response
 from service.parsing import parse_infer_body, read_body
 from service.registry import ServedModel
@@ -37,8 +36,6 @@ OUTPUTS: dict[str, tuple[str, Callable[[Scores], np.ndarray]]] = {
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 
 router = APIRouter(prefix="/v2", tags=["v2 (KServe Open Inference Protocol)"])
-_open = [Depends(require_api_key_if_protected)]
-_keyed = [Depends(require_api_key)]
 
 
 def _server_version() -> str:
@@ -48,14 +45,14 @@ def _server_version() -> str:
         return "0"
 
 
-@router.get("", response_model=V2ServerMetadata, summary="Server metadata", dependencies=_open)
+@router.get("", response_model=V2ServerMetadata, summary="Server metadata")
 async def server_metadata() -> Response:
     return json_response(
         {"name": "oodflow", "version": _server_version(), "extensions": ["binary_tensor_data"]}
     )
 
 
-@router.get("/health/live", summary="Server live", dependencies=_open)
+@router.get("/health/live", summary="Server live")
 async def live() -> Response:
     return json_response({"live": True})
 
@@ -63,7 +60,6 @@ async def live() -> Response:
 @router.get(
     "/health/ready",
     summary="Server ready (every model loaded)",
-    dependencies=_open,
     responses={503: ERROR_RESPONSES[503]},
 )
 async def ready(request: Request) -> Response:
@@ -106,7 +102,6 @@ def _metadata(served: ServedModel) -> dict[str, object]:
     "/models/{name}",
     response_model=V2ModelMetadata,
     summary="Model metadata",
-    dependencies=_keyed,
     responses=ERROR_RESPONSES,
 )
 async def model_metadata(name: str, request: Request) -> Response:
@@ -117,7 +112,6 @@ async def model_metadata(name: str, request: Request) -> Response:
     "/models/{name}/versions/{version}",
     response_model=V2ModelMetadata,
     summary="Model metadata",
-    dependencies=_keyed,
     responses=ERROR_RESPONSES,
 )
 async def model_version_metadata(name: str, version: str, request: Request) -> Response:
@@ -132,7 +126,7 @@ def _ready_response(served: ServedModel) -> Response:
     return json_response({"name": served.name, "ready": True})
 
 
-@router.get("/models/{name}/ready", summary="Model ready", dependencies=_keyed, responses=ERROR_RESPONSES)
+@router.get("/models/{name}/ready", summary="Model ready", responses=ERROR_RESPONSES)
 async def model_ready(name: str, request: Request) -> Response:
     return _ready_response(_served(request, name, None))
 
@@ -140,7 +134,6 @@ async def model_ready(name: str, request: Request) -> Response:
 @router.get(
     "/models/{name}/versions/{version}/ready",
     summary="Model ready",
-    dependencies=_keyed,
     responses=ERROR_RESPONSES,
 )
 async def model_version_ready(name: str, version: str, request: Request) -> Response:
@@ -232,7 +225,6 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     "/models/{name}/infer",
     response_model=InferResponse,
     summary="Score images (Open Inference Protocol)",
-    dependencies=_keyed,
     responses=ERROR_RESPONSES,
     openapi_extra=_INFER_BODY,
 )
@@ -244,7 +236,6 @@ async def infer(name: str, request: Request) -> Response:
     "/models/{name}/versions/{version}/infer",
     response_model=InferResponse,
     summary="Score images with a given model version (Open Inference Protocol)",
-    dependencies=_keyed,
     responses=ERROR_RESPONSES,
     openapi_extra=_INFER_BODY,
 )

@@ -27,7 +27,9 @@ def test_identity_flow_equals_analytic_standard_normal_density() -> None:
     """A fresh flow (zero-initialised coupling heads) is the identity, so its likelihood is the
     analytic one: N(logit(p)) times the logit Jacobian, minus D ln 256."""
     model = PixelFlow(PixelFlowConfig(**SMALL)).double().eval()  # type: ignore[arg-type]
-    images = torch.randint(0, 256, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images = torch.randint(
+        0, 256, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     y = (images.double().numpy() + 0.5) / 256.0
     alpha = 0.05
     p = alpha + (1 - 2 * alpha) * y
@@ -48,7 +50,9 @@ def test_standard_normal_log_prob() -> None:
 
 @pytest.mark.parametrize("architecture", ["realnvp", "glow"])
 def test_bits_per_dim_is_consistent_and_deterministic(architecture: str) -> None:
-    model = randomize(PixelFlow(PixelFlowConfig(architecture=architecture, steps_per_level=2, **SMALL))).eval()  # type: ignore[arg-type]
+    model = randomize(
+        PixelFlow(PixelFlowConfig(architecture=architecture, steps_per_level=2, **SMALL))
+    ).eval()  # type: ignore[arg-type]
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
         ll1, bpd1 = model(images)
@@ -60,7 +64,9 @@ def test_bits_per_dim_is_consistent_and_deterministic(architecture: str) -> None
 @pytest.mark.parametrize("architecture", ["realnvp", "glow"])
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_extreme_inputs_give_finite_scores(architecture: str, shape: tuple[int, int, int]) -> None:
-    model = PixelFlow(PixelFlowConfig(architecture=architecture, input_shape=shape, steps_per_level=2, **SMALL))  # type: ignore[arg-type]
+    model = PixelFlow(
+        PixelFlowConfig(architecture=architecture, input_shape=shape, steps_per_level=2, **SMALL)
+    )  # type: ignore[arg-type]
     randomize(model, scale=1.0).eval()
     generator = torch.Generator().manual_seed(1)
     batch = torch.stack(
@@ -79,7 +85,11 @@ def test_extreme_inputs_give_finite_scores(architecture: str, shape: tuple[int, 
 @pytest.mark.parametrize("st_net", ["resnet", "bottleneck"])
 def test_every_parameter_receives_a_gradient(architecture: str, st_net: str) -> None:
     model = randomize(
-        PixelFlow(PixelFlowConfig(architecture=architecture, st_net=st_net, steps_per_level=2, latent_dim=4, **SMALL))  # type: ignore[arg-type]
+        PixelFlow(
+            PixelFlowConfig(
+                architecture=architecture, st_net=st_net, steps_per_level=2, latent_dim=4, **SMALL
+            )
+        )  # type: ignore[arg-type]
     )
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     loss = -model.log_likelihood(images, dequantization="uniform").mean()
@@ -117,7 +127,9 @@ def test_ood_statistics_and_p_values_by_hand() -> None:
     d = 4
     ll = -np.array([8.0, 4.0, 2.0]) * d * math.log(2)  # 8, 4 and 2 bits/dim
     np.testing.assert_allclose(ood_score("nll", ll, num_dims=d), [8.0, 4.0, 2.0])
-    np.testing.assert_allclose(ood_score("typicality", ll, num_dims=d, reference_nll_mean=4.0), [4.0, 0.0, 2.0])
+    np.testing.assert_allclose(
+        ood_score("typicality", ll, num_dims=d, reference_nll_mean=4.0), [4.0, 0.0, 2.0]
+    )
     ref = np.array([1.0, 2.0, 3.0, 4.0])
     # (1 + #{ref >= s}) / (1 + n)
     np.testing.assert_allclose(p_value(np.array([0.0, 2.5, 4.0, 9.0]), ref), [1.0, 3 / 5, 2 / 5, 1 / 5])

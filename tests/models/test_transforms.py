@@ -31,8 +31,15 @@ def randomize(module: nn.Module, scale: float = 0.2, seed: int = 0) -> nn.Module
 
 def _small_pixel(**kw: object) -> PixelFlowConfig:
     base: dict[str, object] = dict(
-        input_shape=(1, 8, 8), width=4, depth=1, latent_dim=3, num_scales=2,
-        couplings_per_scale=2, channel_couplings=2, final_couplings=4, steps_per_level=2,
+        input_shape=(1, 8, 8),
+        width=4,
+        depth=1,
+        latent_dim=3,
+        num_scales=2,
+        couplings_per_scale=2,
+        channel_couplings=2,
+        final_couplings=4,
+        steps_per_level=2,
     )
     base.update(kw)
     return PixelFlowConfig(**base)  # type: ignore[arg-type]
@@ -55,7 +62,10 @@ for _mask in ("checkerboard", "horizontal", "cycle"):
             lambda m=_mask, i=_i: AffineCoupling((2, 4, 4), Mask(m, i), resnet_net(4, 1)),  # type: ignore[misc]
             (2, 4, 4),
         )
-CASES["coupling-channel-resnet"] = (lambda: AffineCoupling((4, 3, 3), Mask("channel", 1), resnet_net(4, 1)), (4, 3, 3))
+CASES["coupling-channel-resnet"] = (
+    lambda: AffineCoupling((4, 3, 3), Mask("channel", 1), resnet_net(4, 1)),
+    (4, 3, 3),
+)
 CASES["coupling-checkerboard-bottleneck"] = (
     lambda: AffineCoupling((1, 4, 4), Mask("checkerboard", 0), bottleneck_net(4, 1, 3)),
     (1, 4, 4),
@@ -72,7 +82,9 @@ CASES["glow-bottleneck"] = (
     (1, 8, 8),
 )
 CASES["vector-flow-permute"] = (
-    lambda: build_vector_transform(EmbeddingFlowConfig(projection_dim=6, hidden=8, num_couplings=3, actnorm=True)),
+    lambda: build_vector_transform(
+        EmbeddingFlowConfig(projection_dim=6, hidden=8, num_couplings=3, actnorm=True)
+    ),
     (6,),
 )
 CASES["vector-flow-alternate"] = (
@@ -106,7 +118,9 @@ def test_round_trip_and_logdets_cancel(case: tuple[str, Transform, tuple[int, ..
     assert z.numel() == x.numel()
     assert forward_logdet.shape == (5,)
     torch.testing.assert_close(x_back, x, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(forward_logdet + inverse_logdet, torch.zeros(5, dtype=torch.float64), atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        forward_logdet + inverse_logdet, torch.zeros(5, dtype=torch.float64), atol=1e-7, rtol=0
+    )
 
 
 def test_logdet_matches_autograd_jacobian(case: tuple[str, Transform, tuple[int, ...]]) -> None:
@@ -114,6 +128,7 @@ def test_logdet_matches_autograd_jacobian(case: tuple[str, Transform, tuple[int,
     x = _input(shape, 2, name)
     _, logabsdet = transform(x)
     for i in range(2):
+
         def f(flat: torch.Tensor) -> torch.Tensor:
             return transform(flat.reshape(1, *shape))[0].reshape(-1)
 
@@ -166,5 +181,7 @@ def test_bottleneck_limits_information() -> None:
     net = bottleneck_net(width=4, depth=1, latent_dim=2)((1, 4, 4), 2)
     assert net.down.out_features == 2
     randomize(net)
-    jac = torch.autograd.functional.jacobian(lambda v: net(v.reshape(1, 1, 4, 4)).reshape(-1), torch.randn(16))
+    jac = torch.autograd.functional.jacobian(
+        lambda v: net(v.reshape(1, 1, 4, 4)).reshape(-1), torch.randn(16)
+    )
     assert torch.linalg.matrix_rank(jac) <= 2

@@ -34,11 +34,23 @@ def test_keys_from_settings_and_file(repository: Path, tmp_path: Path) -> None:
         assert c.get(f"/v2/models/{GREY_MODEL}", headers={"X-API-Key": "env-key"}).status_code == 200
         for open_path in ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2"):
             assert c.get(open_path).status_code == 200, open_path
+        assert c.get("/openapi.json").status_code == 200  # the documentation stays open
+        v2 = c.get(f"/v2/models/{GREY_MODEL}")
+        assert (
+            v2.status_code == 401
+            and v2.json()["error"] == "invalid API key"
+            or "missing" in v2.json()["error"]
+        )
+        schema = c.get("/openapi.json").json()
+        assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+        score_op = schema["paths"]["/v1/models/{name}/score"]["post"]
+        assert score_op["security"] == [{"bearer": []}, {"apiKey": []}] and "401" in score_op["responses"]
+        assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
 def test_protected_health_and_metrics(repository: Path) -> None:
     with running_server(base_settings(repository, api_keys="k", protect_health_and_metrics=True)) as server:
-        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/ready"):
+        for path in ("/healthz", "/readyz", "/metrics", "/v2/health/ready", "/v2"):
             assert server.client.get(path).status_code == 401, path
             assert server.client.get(path, headers={"Authorization": "Bearer k"}).status_code == 200, path
 

@@ -107,3 +107,29 @@ def test_runtime_errors_reach_every_caller_of_the_batch() -> None:
         await batcher.close(1.0)
 
     run(main())
+
+
+def test_concurrent_batches_keep_input_order() -> None:
+    import time
+
+    calls: list[int] = []
+
+    def uneven(images: np.ndarray) -> Mapping[str, np.ndarray]:
+        calls.append(len(images))
+        if len(calls) == 1:
+            time.sleep(0.2)  # the first half finishes last
+        total = images.reshape(len(images), -1).sum(axis=1).astype(np.float32)
+        return {"log_likelihood": total, "bits_per_dim": -total}
+
+    async def main() -> None:
+        batcher = Batcher(
+            "m", uneven, max_batch_images=4, max_wait_s=0.0, max_queue_images=100, concurrent_batches=2
+        )
+        batcher.start()
+        x = images(0, 8)
+        out = await batcher.submit(x)
+        np.testing.assert_array_equal(out["log_likelihood"], x.reshape(8, -1).sum(axis=1))
+        assert calls == [4, 4]
+        await batcher.close(1.0)
+
+    run(main())

@@ -35,8 +35,15 @@ def test_artifact_layout_and_manifest(quick_repository: dict[str, Path], preset:
     path = quick_repository[preset]
     manifest = verify_artifact(path)
     assert path.name == "1" and manifest.version == 1
-    for name in ("model.onnx", "model.torchscript.pt", "weights.safetensors", "report/metrics.json",
-                 "report/report.md", "report/histogram_bits_per_dim.png", "report/roc.png"):
+    for name in (
+        "model.onnx",
+        "model.torchscript.pt",
+        "weights.safetensors",
+        "report/metrics.json",
+        "report/report.md",
+        "report/histogram_bits_per_dim.png",
+        "report/roc.png",
+    ):
         assert name in manifest.files, name
     assert manifest.kind == ("pixel" if "pixel" in preset else "embedding")
     assert manifest.calibration.target_fpr == 0.05
@@ -49,7 +56,9 @@ def test_artifact_layout_and_manifest(quick_repository: dict[str, Path], preset:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_exported_graph_reloads_and_scores_like_the_run(quick_repository: dict[str, Path], preset: str) -> None:
+def test_exported_graph_reloads_and_scores_like_the_run(
+    quick_repository: dict[str, Path], preset: str
+) -> None:
     path = quick_repository[preset]
     manifest = verify_artifact(path)
     run = Run(quick_repository[preset + ":run"])
@@ -74,7 +83,9 @@ def test_exported_graph_reloads_and_scores_like_the_run(quick_repository: dict[s
 
 def test_pixel_report_states_the_likelihood_failure(quick_repository: dict[str, Path]) -> None:
     report = (quick_repository["fmnist-pixel-realnvp-quick"] / "report" / "report.md").read_text()
-    metrics = json.loads((quick_repository["fmnist-pixel-realnvp-quick"] / "report" / "metrics.json").read_text())
+    metrics = json.loads(
+        (quick_repository["fmnist-pixel-realnvp-quick"] / "report" / "metrics.json").read_text()
+    )
     assert "OOD is the positive class" in report
     mnist = metrics["ood"][0]
     # Even a tiny flow gives MNIST digits higher likelihood than Fashion-MNIST (Nalisnick et al.).
@@ -105,7 +116,9 @@ def test_tampered_artifact_is_refused(quick_repository: dict[str, Path], tmp_pat
 
 
 def test_parity_check_refuses_a_graph_that_disagrees(tmp_path: Path) -> None:
-    cfg = PixelFlowConfig(width=4, depth=1, num_scales=2, couplings_per_scale=1, channel_couplings=1, final_couplings=1)
+    cfg = PixelFlowConfig(
+        width=4, depth=1, num_scales=2, couplings_per_scale=1, channel_couplings=1, final_couplings=1
+    )
     model = PixelFlow(cfg).eval()
     other = PixelFlow(cfg).eval()
     with torch.no_grad():
@@ -127,8 +140,17 @@ def test_resume_after_kill_minus_9_ends_where_an_uninterrupted_run_would(tmp_pat
     config = load_run_config("fmnist-pixel-realnvp-quick", overrides)
     train(config, tmp_path / "straight", progress=False)
 
-    cmd = [sys.executable, "-m", "training.cli", "train", "fmnist-pixel-realnvp-quick", "--run-dir",
-           str(tmp_path / "killed"), "--no-progress", *sum((["--set", o] for o in overrides), [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "train",
+        "fmnist-pixel-realnvp-quick",
+        "--run-dir",
+        str(tmp_path / "killed"),
+        "--no-progress",
+        *sum((["--set", o] for o in overrides), []),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
@@ -179,17 +201,32 @@ def test_config_overrides_and_files(tmp_path: Path) -> None:
     assert config.name == "mine" and config.train.max_steps == 7 and config.train.batch_size == 32
 
 
-def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_errors_are_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("OODFLOW_DATA_DIR", str(tmp_path))
-    assert main(["train", "fmnist-pixel-realnvp-quick", "--run-dir", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert (
+        main(["train", "fmnist-pixel-realnvp-quick", "--run-dir", str(tmp_path / "x"), "--no-progress"]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "dataset-fashion-mnist" in err and "OODFLOW_DATA_DIR" in err
     monkeypatch.delenv("OODFLOW_DATA_DIR")
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=np.zeros((3, 5), dtype=np.uint8))
-    assert main(["train", "fmnist-pixel-realnvp-quick", "--run-dir", str(tmp_path / "y"), "--no-progress",
-                 "--set", "train.max_steps=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "fmnist-pixel-realnvp-quick",
+                "--run-dir",
+                str(tmp_path / "y"),
+                "--no-progress",
+                "--set",
+                "train.max_steps=2",
+            ]
+        )
+        == 0
+    )
     assert main(["calibrate", str(tmp_path / "y")]) == 0
     assert main(["evaluate", str(tmp_path / "y"), "--ood", f"npz:{bad}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
