@@ -145,14 +145,16 @@ def _cmd_build_defaults(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.app import serve
+    # The service reads its settings from OODFLOW_* variables; flags override them.
+    from service.app import run
+    from service.settings import Settings
 
-    overrides = {"model_repository": str(_repository(args.repository))}
+    overrides: dict[str, object] = {"model_repository": _repository(args.repository)}
     if args.host:
         overrides["host"] = args.host
-    if args.port:
+    if args.port is not None:
         overrides["port"] = args.port
-    serve(overrides)
+    run(Settings(**overrides))  # type: ignore[arg-type]
     return 0
 
 
