@@ -9,6 +9,13 @@
 
 Every file but the manifest is listed in `files` with its sha256; `verify_artifact` refuses a
 mismatch. Nothing here is pickled.
+
+Ensembles (the combined verdict over several models) are one JSON file each:
+
+    <repository>/_ensembles/<ensemble-name>.json      `EnsembleManifest`, schema_version 1
+
+The leading underscore keeps the folder out of the model namespace (model names start with a
+letter or digit).
 """
 
 from __future__ import annotations
@@ -23,27 +30,38 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
+    "ENSEMBLES_DIR",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "ArtifactError",
+    "BackgroundSpec",
     "Calibration",
+    "ComplexitySpec",
     "DataSpec",
+    "EnsembleManifest",
+    "EnsembleMember",
+    "EnsembleMetrics",
     "FileEntry",
     "InputSpec",
     "Manifest",
     "OodMetrics",
     "ScoreSpec",
     "artifact_files",
+    "ensemble_path",
+    "find_ensembles",
     "find_versions",
     "latest_version",
+    "load_ensemble",
     "load_manifest",
     "sha256_file",
     "verify_artifact",
+    "write_ensemble",
     "write_manifest",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+ENSEMBLES_DIR = "_ensembles"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
@@ -68,8 +86,33 @@ class InputSpec(_Schema):
         return (self.channels, self.height, self.width)
 
 
+class ComplexitySpec(_Schema):
+    """L(x) of the input-complexity score: `models.scores.png_bits_per_dim` of the uint8 image the
+    graph receives (after colour conversion and resize), PNG at `compress_level`."""
+
+    compressor: Literal["png"] = "png"
+    compress_level: int = Field(9, ge=0, le=9)
+    units: Literal["bits/dim"] = "bits/dim"
+
+
+class BackgroundSpec(_Schema):
+    """The background flow of the likelihood-ratio score (Ren et al. 2019): a second flow inside
+    the same exported graph, whose log-likelihood is the extra output `output`."""
+
+    output: Literal["background_log_likelihood"] = "background_log_likelihood"
+    perturbation_rate: float = Field(gt=0.0, lt=1.0, description="μ: fraction of pixels replaced by noise")
+    architecture: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
 class ScoreSpec(_Schema):
-    """How `ood_score` is computed from the graph outputs (higher = more OOD)."""
+    """How `ood_score` is computed from the graph outputs (higher = more OOD).
+
+    - nll: `bits_per_dim`
+    - typicality: `|bits_per_dim − reference_bits_per_dim|`
+    - complexity: `bits_per_dim − png_bits_per_dim(image)` (see `complexity`)
+    - likelihood_ratio: `bits_per_dim − bits_per_dim(background_log_likelihood)` (see `background`)
+    """
 
     statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio"]
     direction: Literal["higher_is_ood"] = "higher_is_ood"
@@ -78,6 +121,8 @@ class ScoreSpec(_Schema):
         None, description="mean in-distribution bits/dim (typicality centre)"
     )
     description: str
+    complexity: ComplexitySpec | None = Field(None, description="statistic 'complexity' only")
+    background: BackgroundSpec | None = Field(None, description="statistic 'likelihood_ratio' only")
 
 
 class Calibration(_Schema):
@@ -155,6 +200,97 @@ class Manifest(_Schema):
         if not _NAME_RE.match(v):
             raise ValueError("name must be lowercase letters, digits, '.', '_' or '-' (max 63)")
         return v
+
+
+class EnsembleMember(_Schema):
+    name: str
+    version: int = Field(ge=1)
+    kind: Literal["pixel", "embedding"]
+    statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio"]
+
+
+class EnsembleMetrics(_Schema):
+    """Per OOD set: the combined verdict's metrics (OpenOOD convention) and each member's AUROC."""
+
+    dataset: str
+    size: int
+    auroc: float
+    aupr_in: float
+    aupr_out: float
+    fpr_at_95_tpr: float
+    flagged_fraction: float
+    member_auroc: dict[str, float] = Field(description="AUROC of each member's own ood_score")
+    member_fpr_at_95_tpr: dict[str, float] = Field(default_factory=dict)
+
+
+class EnsembleManifest(_Schema):
+    """A combined verdict over several served models (`<repository>/_ensembles/<name>.json`).
+
+    Per image: `p_k` = each member's p-value (`models.scores.p_value` of its ood_score against its own
+    `calibration.reference_scores`); `combined_score = models.scores.combine_p_values(p, rule)`;
+    `is_ood = combined_score > calibration.threshold`; `p_value` = `models.scores.p_value` of the
+    combined score against `calibration.reference_scores`. Valid only while every member is served
+    at the listed version.
+    """
+
+    schema_version: Literal[1] = 1
+    kind: Literal["ensemble"] = "ensemble"
+    name: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    description: str = ""
+    rule: Literal["fisher", "min_p"]
+    rule_definition: str
+    members: list[EnsembleMember] = Field(min_length=2)
+    calibration: Calibration
+    in_distribution_test: dict[str, float] = Field(default_factory=dict)
+    metrics: list[EnsembleMetrics] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("name must be lowercase letters, digits, '.', '_' or '-' (max 63)")
+        return v
+
+    @field_validator("members")
+    @classmethod
+    def _unique(cls, v: list[EnsembleMember]) -> list[EnsembleMember]:
+        if len({m.name for m in v}) != len(v):
+            raise ValueError("ensemble members must be distinct models")
+        return v
+
+
+def ensemble_path(repository: Path, name: str) -> Path:
+    return Path(repository) / ENSEMBLES_DIR / f"{name}.json"
+
+
+def write_ensemble(repository: Path, ensemble: EnsembleManifest) -> Path:
+    """Write atomically (a reader never sees half a file)."""
+    path = ensemble_path(repository, ensemble.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(ensemble.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_ensemble(path: Path) -> EnsembleManifest:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such ensemble manifest")
+    try:
+        return EnsembleManifest.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        first = str(exc).splitlines()
+        raise ArtifactError(f"{path}: invalid ensemble manifest: {' '.join(first[:3])}") from None
+
+
+def find_ensembles(repository: Path) -> list[Path]:
+    """`<repository>/_ensembles/*.json`, sorted by name."""
+    folder = Path(repository) / ENSEMBLES_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
 
 
 def sha256_file(path: Path) -> str:

@@ -1,30 +1,51 @@
-"""Score helpers shared by training, export and the service (pure numpy/torch maths).
+"""Score helpers shared by training, export and the service (pure numpy/PIL maths).
 
 Units: `log_likelihood` in nats, `bits_per_dim` in bits per dimension, `ood_score` higher
 means more out-of-distribution.
+
+Everything the service needs to turn graph outputs into a verdict lives here, so training,
+calibration, batch scoring and the HTTP service compute it with the same code:
+
+- `ood_score`: the four statistics (likelihood, typicality, input complexity, likelihood ratio);
+- `png_bits_per_dim`: the compressor code length L(x) of the input-complexity score;
+- `p_value` / `leave_one_out_p_values`: p-values against the calibration reference scores;
+- `combine_p_values`: the combined verdict of several models (Fisher's method or min-p).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 __all__ = [
+    "COMBINATION_RULES",
     "LN2",
     "LN256",
+    "OOD_STATISTICS",
+    "PNG_COMPRESS_LEVEL",
+    "CombinationRule",
     "OodStatistic",
     "bits_per_dim",
+    "combine_p_values",
     "discrete_log_likelihood",
+    "leave_one_out_p_values",
     "ood_score",
     "p_value",
+    "png_bits_per_dim",
 ]
 
 LN2 = math.log(2.0)
 LN256 = math.log(256.0)
 
 OodStatistic = Literal["nll", "typicality", "complexity", "likelihood_ratio"]
+OOD_STATISTICS: tuple[OodStatistic, ...] = ("nll", "typicality", "complexity", "likelihood_ratio")
+CombinationRule = Literal["fisher", "min_p"]
+COMBINATION_RULES: tuple[CombinationRule, ...] = ("fisher", "min_p")
+PNG_COMPRESS_LEVEL = 9
 
 
 def discrete_log_likelihood(log_density_unit, num_dims: int):  # type: ignore[no-untyped-def]
@@ -84,3 +105,60 @@ def p_value(scores: np.ndarray, reference_sorted: np.ndarray) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64)
     at_least = ref.size - np.searchsorted(ref, s, side="left")
     return (1.0 + at_least) / (1.0 + ref.size)
+
+
+def leave_one_out_p_values(scores: np.ndarray) -> np.ndarray:
+    """p-values of the reference scores themselves, each against the other n − 1:
+    `(1 + #{j != i: s_j >= s_i}) / n`. Exchangeable with `p_value` of a fresh in-distribution
+    image, so a threshold on a combination of them is calibrated for fresh images."""
+    s = np.asarray(scores, dtype=np.float64)
+    ref = np.sort(s)
+    at_least = ref.size - np.searchsorted(ref, s, side="left") - 1  # minus the point itself
+    return (1.0 + at_least) / max(1, ref.size)
+
+
+def combine_p_values(p_values: np.ndarray, rule: CombinationRule) -> np.ndarray:
+    """Combine per-model p-values `(K, N)` (K models, N images) into one score per image,
+    `(N,)` float64, higher = more OOD. The score is not itself a p-value: the models see the same
+    image, so they are not independent, and its threshold must be calibrated on held-out
+    in-distribution data like any other score.
+
+    - `fisher`: Fisher's method, `−2 Σ_k ln p_k` (chi-square with 2K degrees of freedom under
+      independence); sensitive to several moderately small p-values.
+    - `min_p`: the Bonferroni-corrected minimum, `−ln min(1, K · min_k p_k)`; driven by the single
+      most confident model.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] < 1:
+        raise ValueError(f"p_values must be (K models, N images), got shape {p.shape}")
+    if np.any(~(p > 0)) or np.any(p > 1):
+        raise ValueError("p-values must lie in (0, 1]")
+    if rule == "fisher":
+        return -2.0 * np.log(p).sum(axis=0)
+    if rule == "min_p":
+        return -np.log(np.minimum(1.0, p.shape[0] * p.min(axis=0)))
+    raise ValueError(f"unknown combination rule '{rule}', expected one of {COMBINATION_RULES}")
+
+
+def png_bits_per_dim(images: np.ndarray) -> np.ndarray:
+    """L(x) of the input-complexity score (Serrà et al. 2020): the PNG code length of each image at
+    the strongest compression level, in bits per dimension, `8 · len(PNG bytes) / (C·H·W)`.
+
+    `images: (N, C, H, W) uint8`, C 1 or 3: exactly what the exported graph sees (after colour
+    conversion and resize), so training and the service measure the same bytes. Deterministic for
+    a given Pillow/zlib build. The PNG container overhead (signature, IHDR, IEND: 57 bytes) is a
+    constant per shape and does not change any ranking.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(f"expected (N, C, H, W) uint8 with C 1 or 3, got {images.dtype} {images.shape}")
+    _, c, h, w = images.shape
+    out = np.empty(len(images), dtype=np.float64)
+    for i, image in enumerate(images):
+        plane = image[0] if c == 1 else image.transpose(1, 2, 0)
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(plane)).save(
+            buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+        )
+        out[i] = 8.0 * buffer.getbuffer().nbytes / (c * h * w)
+    return out

@@ -2,8 +2,8 @@
 
 `submit(images)` queues one request's `(n, C, H, W)` batch and resolves with its outputs in input
 order. The loop gathers queued images until `max_batch_images` are waiting or the oldest has waited
-`max_wait_s`, cuts a batch (splitting a large request over several batches and packing small ones
-together), and runs it in the model's own inference thread(s) so the event loop keeps serving. While
+`max_wait_s` (under concurrent load; a lone request runs at once), cuts a batch (splitting a large
+request over several batches and packing small ones together), and runs it in the model's own inference thread(s) so the event loop keeps serving. While
 a batch runs, the next one gathers: under load batches fill up without waiting. With
 `concurrent_batches` > 1, that many batches run at once (each in its own thread), which keeps the
 cores busy while Python prepares the next batch.
@@ -91,12 +91,17 @@ class Batcher:
             max_workers=concurrent_batches, thread_name_prefix=f"infer-{name}"
         )
         self._seconds_per_batch = 0.05  # running estimate, for Retry-After
+        self._concurrent_load = False  # did the last batch find company waiting?
 
     # ------------------------------------------------------------------ public
 
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def running_batches(self) -> int:
+        return self._in_flight
 
     def start(self) -> None:
         if self._task is None:
@@ -162,7 +167,13 @@ class Batcher:
             self._idle.set()
 
     async def _gather(self) -> None:
-        """Wait until a full batch is queued or the oldest image has waited `max_wait_s`."""
+        """Wait until a full batch is queued or the oldest image has waited `max_wait_s`.
+
+        Only under concurrent load: when the last batch held one lone request, a new lone request
+        runs at once, since waiting would add `max_wait_s` to every request of a sequential client.
+        """
+        if not self._concurrent_load:
+            return
         while self._queued_images < self.max_batch_images and not self._closing:
             remaining = self._queue[0].enqueued + self.max_wait_s - time.perf_counter()
             if remaining <= 0:
@@ -178,6 +189,7 @@ class Batcher:
     def _cut(self) -> list[tuple[_Work, int, int]]:
         """Take up to `max_batch_images` from the head of the queue: (work, start, stop) slices."""
         slices: list[tuple[_Work, int, int]] = []
+        requests_waiting = len(self._queue)
         room = self.max_batch_images
         now = time.perf_counter()
         while self._queue and room > 0:
@@ -195,6 +207,7 @@ class Batcher:
             room -= take
             if work.taken == work.size:
                 self._queue.popleft()
+        self._concurrent_load = requests_waiting > 1 or self._in_flight > 0
         return slices
 
     def _timed_run(self, images: np.ndarray) -> tuple[Mapping[str, np.ndarray], float]:

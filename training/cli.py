@@ -145,16 +145,11 @@ def _cmd_build_defaults(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    # The service reads its settings from OODFLOW_* variables; flags override them.
+    # Flags override OODFLOW_* variables, which override the built-in defaults.
     from service.app import run
-    from service.settings import Settings
+    from service.cli import settings_from_args
 
-    overrides: dict[str, object] = {"model_repository": _repository(args.repository)}
-    if args.host:
-        overrides["host"] = args.host
-    if args.port is not None:
-        overrides["port"] = args.port
-    run(Settings(**overrides))  # type: ignore[arg-type]
+    run(settings_from_args(args))
     return 0
 
 
@@ -202,10 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_build_defaults)
 
-    p = sub.add_parser("serve", help="serve the model repository over HTTP")
-    p.add_argument("--repository")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    from service.cli import add_serve_arguments
+
+    p = add_serve_arguments(sub.add_parser("serve", help="serve the model repository over HTTP"))
     p.set_defaults(func=_cmd_serve)
     return parser
 

@@ -14,6 +14,7 @@ from models.config import EmbeddingFlowConfig, ModelConfig, PixelFlowConfig
 
 __all__ = [
     "PRESETS",
+    "BackgroundConfig",
     "CalibrationConfig",
     "DataConfig",
     "RunConfig",
@@ -59,9 +60,25 @@ class TrainConfig(_Config):
     seed: int = 0
 
 
+class BackgroundConfig(_Config):
+    """The background flow of the likelihood-ratio score (Ren et al. 2019): trained on the same
+    training images with each pixel replaced by a uniform random value in 0..255 at rate
+    `perturbation_rate` (μ), so it learns the low-level statistics but not the semantics."""
+
+    perturbation_rate: float = Field(0.2, gt=0, lt=1, description="μ (Ren et al. use 0.1–0.3)")
+    model: PixelFlowConfig | None = Field(None, description="None: the main flow's architecture")
+    max_steps: int | None = Field(None, ge=1, description="None: the main run's train.max_steps")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (Ren et al. regularise the background)")
+    time_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of a training time budget the background may use"
+    )
+    seed: int = 17
+
+
 class CalibrationConfig(_Config):
-    statistic: Literal["nll", "typicality"] = "nll"
+    statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio"] = "nll"
     target_fpr: float = Field(0.05, gt=0, lt=1)
+    background: BackgroundConfig = Field(default_factory=BackgroundConfig)
 
 
 class RunConfig(_Config):

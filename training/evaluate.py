@@ -18,9 +18,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve  #
 
 from models.flows import EmbeddingFlow  # noqa: E402
 from models.scores import bits_per_dim  # noqa: E402
-from training.calibrate import compute_scores  # noqa: E402
+from training.calibrate import compute_scores, load_background_for  # noqa: E402
 from training.runs import Run, Splits, load_splits, resolve_device  # noqa: E402
-from training.scoring import cached_features, log_likelihoods  # noqa: E402
+from training.scoring import cached_features  # noqa: E402
+from training.statistics import save_split_scores, statistic_inputs  # noqa: E402
 
 __all__ = ["evaluate", "gaussian_baseline", "ood_metrics"]
 
@@ -97,7 +98,9 @@ def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None
     run = Run(run_dir)  # type: ignore[arg-type]
     config = run.config
     calibration = run.read_json("calibration.json")
-    model = run.load_model(resolve_device(device))
+    dev = resolve_device(device)
+    model = run.load_model(dev)
+    background = load_background_for(run, calibration["statistic"], dev)
     splits = splits or load_splits(config)
     assert splits.test is not None
     cache = run.dir / "features"
@@ -105,8 +108,12 @@ def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None
     threshold = float(calibration["threshold"])
 
     def scored(dataset, key):  # type: ignore[no-untyped-def]
-        ll = log_likelihoods(model, dataset, cache_dir=cache, key=key)
-        return ll, compute_scores(run, calibration, ll)
+        inputs = statistic_inputs(
+            model, dataset, [calibration["statistic"]], background=background, cache_dir=cache, key=key
+        )
+        scores = compute_scores(run, calibration, inputs)
+        save_split_scores(run.dir / "scores", key, dataset, scores, inputs.log_likelihood)
+        return inputs.log_likelihood, scores
 
     test_ll, test_scores = scored(splits.test, "test")
     test_bpd = bits_per_dim(test_ll, num_dims)

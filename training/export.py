@@ -1,7 +1,9 @@
 """Export a trained density model as an artifact version (DESIGN.md §3).
 
 The graph exported is the model's own `forward`: uint8 images `[N, C, H, W]` in, `log_likelihood`
-and `bits_per_dim` `[N]` float32 out, with every pre-processing step inside. Before anything is
+and `bits_per_dim` `[N]` float32 out, with every pre-processing step inside. A model may declare
+more outputs in `output_names` (the likelihood-ratio model adds `background_log_likelihood`); they
+are exported, and checked for parity, like the first two. Before anything is
 published, eager PyTorch, ONNX Runtime and TorchScript must agree on real images at batch 1
 and 7; an artifact that fails the check is never written.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "next_version",
+    "output_names",
 ]
 
 OPSET = 17
@@ -43,9 +46,18 @@ class ExportError(RuntimeError):
     """The exported graphs disagree with the eager model, or the export itself failed."""
 
 
+def output_names(model: nn.Module) -> list[str]:
+    """The graph's output names: `log_likelihood`, `bits_per_dim`, then any the model adds."""
+    names = list(getattr(model, "output_names", OUTPUT_NAMES))
+    if names[:2] != OUTPUT_NAMES:
+        raise ExportError(f"a model's first outputs must be {OUTPUT_NAMES}, got {names}")
+    return names
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """TorchScript-based exporter: it handles our static graphs and gives a dynamic batch axis."""
-    dynamic = {name: {0: "batch"} for name in ["images", *OUTPUT_NAMES]}
+    names = output_names(model)
+    dynamic = {name: {0: "batch"} for name in ["images", *names]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -53,7 +65,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
             (example,),
             str(path),
             input_names=["images"],
-            output_names=OUTPUT_NAMES,
+            output_names=names,
             dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
@@ -70,24 +82,34 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> N
 def check_parity(
     model: nn.Module, onnx_path: Path, torchscript_path: Path, images: torch.Tensor, rtol: float = PARITY_RTOL
 ) -> dict[str, float]:
-    """Compare eager, ONNX Runtime and TorchScript `log_likelihood` at batch 1 and 7.
+    """Compare eager, ONNX Runtime and TorchScript `log_likelihood` (and every extra log-likelihood
+    output, e.g. `background_log_likelihood`) at batch 1 and 7.
 
     `images: (N >= 7, C, H, W) uint8` real images. Returns the worst relative error per runtime;
     raises ExportError if any exceeds `rtol`.
     """
     if images.shape[0] < 7:
         raise ValueError("parity check needs at least 7 images")
+    names = output_names(model)
+    checked = [i for i, name in enumerate(names) if name != "bits_per_dim"]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    graph_outputs = [o.name for o in session.get_outputs()]
+    if graph_outputs != names:
+        raise ExportError(f"ONNX graph outputs {graph_outputs}, expected {names}; not written")
     scripted = torch.jit.load(str(torchscript_path))
     worst = {"onnxruntime": 0.0, "torchscript": 0.0}
     for batch in (images[:1], images[:7]):
         with torch.no_grad():
-            eager = model(batch)[0].double().numpy()
-            ts = scripted(batch)[0].double().numpy()
-        onnx_out = session.run(["log_likelihood"], {"images": batch.numpy()})[0].astype(np.float64)
-        for runtime, values in (("onnxruntime", onnx_out), ("torchscript", ts)):
-            rel = float(np.max(np.abs(values - eager) / np.maximum(np.abs(eager), 1e-6)))
-            worst[runtime] = max(worst[runtime], rel)
+            eager_all = model(batch)
+            ts_all = scripted(batch)
+        onnx_all = session.run(names, {"images": batch.numpy()})
+        for i in checked:
+            eager = eager_all[i].double().numpy()
+            ts = ts_all[i].double().numpy()
+            onnx_out = onnx_all[i].astype(np.float64)
+            for runtime, values in (("onnxruntime", onnx_out), ("torchscript", ts)):
+                rel = float(np.max(np.abs(values - eager) / np.maximum(np.abs(eager), 1e-6)))
+                worst[runtime] = max(worst[runtime], rel)
     failed = {k: v for k, v in worst.items() if not v <= rtol}
     if failed:
         raise ExportError(f"export parity failed (max relative error {failed}, allowed {rtol}); not written")
@@ -135,6 +157,7 @@ def export_artifact(
             "onnxruntime": ort.__version__,
             "parity_max_rel_error": parity,
             "parity_batches": [1, 7],
+            "outputs": output_names(model),
         }
         write_manifest(staging, manifest.model_copy(update={"export": export_info}))
         os.replace(staging, target)

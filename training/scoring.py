@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from models.flows import EmbeddingFlow, PixelFlow
 from training.data import ImageSet
@@ -15,9 +16,13 @@ __all__ = ["cached_features", "log_likelihoods"]
 
 
 @torch.inference_mode()
-def _batched(fn, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _batched(
+    fn, images: np.ndarray, batch_size: int, device: torch.device, desc: str | None = None
+) -> np.ndarray:  # type: ignore[no-untyped-def]
     outputs = []
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    bar = tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None or len(starts) < 4)
+    for start in bar:
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
         outputs.append(fn(batch).double().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0,))
@@ -35,7 +40,9 @@ def cached_features(
         path = cache_dir / f"{tag}.npy"
         if path.is_file():
             return np.load(path)
-    feats = _batched(model.features, dataset.images, batch_size, device).astype(np.float32)
+    feats = _batched(model.features, dataset.images, batch_size, device, desc=f"features {key}").astype(
+        np.float32
+    )
     if path is not None:
         np.save(path, feats)
     return feats

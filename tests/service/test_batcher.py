@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -52,13 +53,26 @@ def test_splits_large_requests_and_packs_small_ones() -> None:
     run(main())
 
 
-def test_waits_at_most_max_wait_for_a_batch() -> None:
+def test_lone_requests_do_not_wait_but_concurrent_ones_gather() -> None:
     async def main() -> None:
-        recorder = Recorder()
-        batcher = Batcher("m", recorder, max_batch_images=64, max_wait_s=0.01, max_queue_images=100)
+        gate = threading.Event()
+        recorder = Recorder(gate)
+        batcher = Batcher("m", recorder, max_batch_images=64, max_wait_s=0.5, max_queue_images=100)
         batcher.start()
-        out = await asyncio.wait_for(batcher.submit(images(0, 1)), 1.0)
-        assert out["log_likelihood"].shape == (1,) and recorder.batches == [1]
+        gate.set()
+        start = time.perf_counter()
+        for i in range(3):  # a sequential client: never waits max_wait_s
+            out = await batcher.submit(images(i, 1))
+            assert out["log_likelihood"].shape == (1,)
+        assert time.perf_counter() - start < 0.4 and recorder.batches == [1, 1, 1]
+        gate.clear()
+        first = asyncio.ensure_future(batcher.submit(images(0, 1)))  # runs alone, blocked on the gate
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher.submit(images(i, 1))) for i in range(1, 4)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *rest)
+        assert recorder.batches[3:] == [1, 3]  # the three that queued meanwhile ran together
         await batcher.close(1.0)
 
     run(main())
@@ -110,8 +124,6 @@ def test_runtime_errors_reach_every_caller_of_the_batch() -> None:
 
 
 def test_concurrent_batches_keep_input_order() -> None:
-    import time
-
     calls: list[int] = []
 
     def uneven(images: np.ndarray) -> Mapping[str, np.ndarray]:

@@ -33,7 +33,7 @@ def test_full_queue_is_429_with_retry_after(repository: Path) -> None:
         max_queue_images=4,
         max_images_per_request=4,
     )
-    with running_server(settings, wrap_scorer=lambda _, s: SlowScorer(s, 0.3, delay_after_calls=4)) as server:
+    with running_server(settings, wrap_scorer=lambda _, s: SlowScorer(s, 0.5, delay_after_calls=4)) as server:
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(lambda _: server.client.post(URL, json=BODY2), range(8)))
         statuses = sorted(r.status_code for r in responses)
@@ -45,7 +45,7 @@ def test_full_queue_is_429_with_retry_after(repository: Path) -> None:
 
 
 def test_not_ready_while_loading_is_503(repository: Path) -> None:
-    slow_warmup = lambda _, s: SlowScorer(s, 0.0, warmup_delay_s=1.5)  # noqa: E731
+    slow_warmup = lambda _, s: SlowScorer(s, 0.0, warmup_delay_s=2.0)  # noqa: E731
     with running_server(base_settings(repository), wrap_scorer=slow_warmup, wait=None) as server:
         assert server.client.get("/healthz").status_code == 200
         ready = server.client.get("/readyz")
@@ -68,9 +68,10 @@ def test_work_of_a_disconnected_client_is_dropped(repository: Path) -> None:
 
     with running_server(settings, wrap_scorer=wrap) as server:
         calls_before = len(scorers[0].calls)
+        batcher = server.state.registry.models[GREY_MODEL].batcher
         first = threading.Thread(target=lambda: server.client.post(URL, json=BODY1))
         first.start()
-        time.sleep(0.15)  # the first request is running
+        assert reaches(lambda: batcher.running_batches == 1)  # the first request is running
         body = json.dumps(BODY1).encode()
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as sock:
@@ -79,9 +80,12 @@ def test_work_of_a_disconnected_client_is_dropped(repository: Path) -> None:
                 f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            time.sleep(0.15)  # queued behind the first; now the client goes away
+            assert reaches(lambda: batcher.queued_images == 1)  # queued behind the first
+        # the client has gone: its image leaves the queue before the first batch is done
+        assert reaches(lambda: batcher.queued_images == 0, timeout_s=0.4)
         first.join()
-        time.sleep(0.8)
+        assert reaches(lambda: batcher.running_batches == 0)
+        time.sleep(0.2)
         assert len(scorers[0].calls) - calls_before == 1, "the abandoned request must not run"
         assert server.client.post(URL, json=BODY1).status_code == 200
 
@@ -128,13 +132,18 @@ def test_sigterm_finishes_in_flight_requests_then_exits(repository: Path) -> Non
             target=lambda: results.append(httpx.post(f"{url}{URL}", json=BODY1, timeout=30))
         )
         in_flight.start()
-        time.sleep(0.3)
+
+        def running() -> bool:  # the request's batch has been cut: it is in inference now
+            metrics = httpx.get(f"{url}/metrics").text
+            return f'oodflow_stage_seconds_count{{model="{GREY_MODEL}",stage="queue_wait"}} 1.0' in metrics
+
+        assert reaches(running, timeout_s=20)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.05)
         try:
             late = httpx.post(f"{url}{URL}", json=BODY1, timeout=30)
             assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.RemoteProtocolError):
             pass  # the listener is already closed: intake stopped either way
         in_flight.join(30)
         assert results and results[0].status_code == 200, "in-flight request must finish"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,26 @@ def test_v2_binary_header_length_checked(service: Server) -> None:
         f"/v2/models/{GREY_MODEL}/infer", content=b"{}", headers={"Inference-Header-Content-Length": "99"}
     )
     assert response.status_code == 400
+
+
+def test_binary_outputs_requested_by_request_parameter(service: Server, grey_images: np.ndarray) -> None:
+    request = {
+        "parameters": {"binary_data_output": True},
+        "inputs": [
+            {"name": "images", "shape": [2, 28, 28], "datatype": "UINT8", "data": grey_images[:2].tolist()}
+        ],
+        "outputs": [{"name": "ood_score"}, {"name": "is_ood", "parameters": {"binary_data": False}}],
+    }
+    response = service.client.post(f"/v2/models/{GREY_MODEL}/infer", json=request)
+    assert response.status_code == 200, response.text
+    length = int(response.headers["inference-header-content-length"])
+    header = json.loads(response.content[:length])
+    score, flag = header["outputs"]
+    assert score["parameters"] == {"binary_data_size": 8} and "data" not in score
+    assert len(flag["data"]) == 2
+    values = np.frombuffer(response.content[length:], dtype=np.float32)
+    scores = service.client.post(
+        f"/v1/models/{GREY_MODEL}/score",
+        json={"array": {"b64": b64(grey_images[:2].tobytes()), "shape": [2, 28, 28]}},
+    ).json()["results"]
+    np.testing.assert_allclose(values, [r["ood_score"] for r in scores], rtol=1e-6)

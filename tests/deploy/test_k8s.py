@@ -1,0 +1,211 @@
+"""Kubernetes manifests: every kustomization renders, every object validates against the Kubernetes
+schemas offline (kubernetes-validate, strict), and the pieces reference each other correctly."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from service.settings import Settings
+from tests.deploy.conftest import DEPLOY
+from tests.deploy.kustomize import KustomizeError, render
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+K8S_VERSION = "1.31.0"  # the oldest release still in upstream support when these were written
+KUSTOMIZATIONS = ["base", "overlays/gpu", "ray"]
+K8S = DEPLOY / "k8s"
+
+
+def _validate(obj: dict[str, Any]) -> None:
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']} at {where}: {exc.message}") from None
+
+
+def _by_kind(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        out.setdefault(obj["kind"], []).append(obj)
+    return out
+
+
+def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = _by_kind(objects).get(kind, [])
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module", params=KUSTOMIZATIONS)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(K8S / request.param)
+
+
+def _pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    if obj["kind"] == "RayJob":
+        cluster = obj["spec"]["rayClusterSpec"]
+        return [g["template"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+    if obj["kind"] == "Deployment":
+        return [obj["spec"]["template"]]
+    return []
+
+
+def test_every_object_validates(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objects = rendered
+    assert objects, f"{name} renders nothing"
+    for obj in objects:
+        if obj["apiVersion"].startswith("ray.io/"):
+            # A KubeRay custom resource: its pod templates are core/v1 PodTemplateSpecs, so validate
+            # each one as a PodTemplate object against the real schema.
+            for i, template in enumerate(_pod_templates(obj)):
+                _validate(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "PodTemplate",
+                        "metadata": {"name": f"ray-{i}"},
+                        "template": template,
+                    }
+                )
+        else:
+            _validate(obj)
+
+
+def test_strict_validation_catches_a_typo() -> None:
+    deployment = _one(render(K8S / "base"), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagee"] = "typo"
+    with pytest.raises(AssertionError, match="imagee"):
+        _validate(deployment)
+
+
+def test_renderer_refuses_what_it_does_not_implement(tmp_path: Any) -> None:
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nreplicas: [{name: x, count: 2}]\n")
+    with pytest.raises(KustomizeError, match="replicas"):
+        render(tmp_path)
+
+
+def test_references_resolve(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """Mounted volumes exist; ConfigMaps, Secrets and PVCs named by pods are rendered alongside (or,
+    for the RayJob, by the base); the Service, PDB and HPA point at the Deployment's pods."""
+    name, objects = rendered
+    everything = objects + (render(K8S / "base") if name == "ray" else [])
+    names = {(o["kind"], o["metadata"]["name"]) for o in everything}
+    for obj in objects:
+        for template in _pod_templates(obj):
+            spec = template["spec"]
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for container in spec["containers"]:
+                for mount in container.get("volumeMounts", []):
+                    assert mount["name"] in volumes, (
+                        f"{container['name']} mounts unknown volume {mount['name']}"
+                    )
+                for source in container.get("envFrom", []):
+                    assert ("ConfigMap", source["configMapRef"]["name"]) in names
+            for volume in volumes.values():
+                if "secret" in volume:
+                    assert ("Secret", volume["secret"]["secretName"]) in names
+                if "persistentVolumeClaim" in volume:
+                    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+    kinds = _by_kind(objects)
+    if "Deployment" in kinds:
+        deployment = _one(objects, "Deployment")
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        assert _one(objects, "Service")["spec"]["selector"].items() <= pod_labels.items()
+        assert (
+            _one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items()
+            <= pod_labels.items()
+        )
+        target = _one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+        namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
+        assert namespaces == {"oodflow"}
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+def test_service_deployment(overlay: str) -> None:
+    objects = render(K8S / overlay)
+    deployment = _one(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"requests", "limits"} <= set(container["resources"])
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/models"]["readOnly"] is True and "/tmp" in mounts  # read-only root: /tmp is a volume
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+
+    # The settings are the service's own: each key is an OODFLOW_ field and the values validate.
+    settings = _one(objects, "ConfigMap")["data"]
+    fields = set(Settings.model_fields)
+    for key in settings:
+        assert key.startswith("OODFLOW_") and key[len("OODFLOW_") :].lower() in fields, key
+    values = {k[len("OODFLOW_") :].lower(): v for k, v in settings.items() if k != "OODFLOW_API_KEY_FILE"}
+    parsed = Settings(**values)
+    assert str(parsed.model_repository) == mounts["/models"]["mountPath"]
+    assert parsed.port == container["ports"][0]["containerPort"]
+    key_file = settings["OODFLOW_API_KEY_FILE"]
+    assert any(key_file.startswith(m + "/") for m in mounts), "API key file is not on a mounted volume"
+
+    gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+    if overlay == "overlays/gpu":
+        assert gpus == "1" and parsed.device == "cuda"
+        assert container["image"].endswith(":cuda")
+        assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    else:
+        assert gpus is None and parsed.device == "cpu"
+        assert container["image"].endswith(":cpu")
+
+
+def test_rayjob_runs_score_batch_on_ray() -> None:
+    job = _one(render(K8S / "ray"), "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    entrypoint = spec["entrypoint"].split()
+    assert entrypoint[:2] == ["oodflow", "score-batch"]
+    assert entrypoint[entrypoint.index("--engine") + 1] == "ray"
+    assert "--address" not in entrypoint  # the RayJob sets RAY_ADDRESS; the CLI joins that cluster
+
+    # The entrypoint parses with the CLI's own flags.
+    import argparse
+
+    from service.batch import add_score_batch_arguments
+
+    args = add_score_batch_arguments(argparse.ArgumentParser()).parse_args(entrypoint[2:])
+    cluster = spec["rayClusterSpec"]
+    mounts = {
+        m["mountPath"] for m in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert args.repository in mounts
+    assert any(args.output.startswith(m + "/") for m in mounts) and any(
+        i.startswith("/data") for i in args.inputs
+    )
+    import ray
+
+    assert cluster["rayVersion"] == ray.__version__, "the cluster's Ray must match the image's"
+    gpu_groups = [
+        g
+        for g in cluster["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
+    assert gpu_groups, "a GPU worker group (one GPU per actor)"
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        image = group["template"]["spec"]["containers"][0]["image"]
+        assert re.match(r"^[\w./-]+:[\w.-]+$", image), image
+
+
+def test_manifests_are_plain_yaml() -> None:
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc is None or isinstance(doc, dict), path
