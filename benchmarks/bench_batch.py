@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['input']} | {r['engine']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.0f} | "
             f"{r['errors']} | {r['ood_rate']:.1%} |"
         )
-    print(f"| arrays in memory | ONNX Runtime in-process | {len(images)} | – | {ceiling:.0f} | – | – |")
+    print(
+        f"| arrays in memory | ONNX Runtime in-process, one session, {args.workers} intra-op threads "
+        f"| {len(images)} | – | {ceiling:.0f} | – | – |"
+    )
     if ray_start is not None:
         print(f"\nRay start-up (`ray.init`, local, not included above): {ray_start:.1f} s")
     return 0

@@ -30,6 +30,7 @@ stopped and a finished one only prints its summary.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -192,12 +193,9 @@ def _npz_rows(path: Path) -> list[dict[str, Any]]:
     array = array[..., :1] if array.shape[-1] in (1, 2) else array[..., :3]  # drop alpha, as the service
     array = np.ascontiguousarray(array)
     _, height, width, channels = array.shape
-    source = str(path)
     return [
-        {"source": source, "index": i, "path": "", "data": image.tobytes(), "height": height,
-         "width": width, "channels": channels, "error": ""}
-        for i, image in enumerate(array)
-    ]  # fmt: skip
+        _row(path, i, data=image.tobytes(), shape=(height, width, channels)) for i, image in enumerate(array)
+    ]
 
 
 def _parquet_rows(path: Path, column: str | None) -> list[dict[str, Any]]:
@@ -221,19 +219,33 @@ def _parquet_rows(path: Path, column: str | None) -> list[dict[str, Any]]:
         values = values.field("bytes")
     if not (pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)):
         raise ValueError(f"column '{column}' holds {values.type}, not encoded image bytes")
-    source = str(path)
-    rows = []
-    for i, data in enumerate(values.to_pylist()):
-        rows.append(
-            {"source": source, "index": i, "path": "", "data": data or b"", "height": 0, "width": 0,
-             "channels": 0, "error": "" if data else "empty or null image cell"}
-        )  # fmt: skip
-    return rows
+    return [
+        _row(path, i, data=data or b"", error="" if data else "empty or null image cell")
+        for i, data in enumerate(values.to_pylist())
+    ]
 
 
-def _file_row(path: Path) -> dict[str, Any]:
-    return {"source": str(path), "index": 0, "path": str(path), "data": b"", "height": 0, "width": 0,
-            "channels": 0, "error": ""}  # fmt: skip
+def _row(
+    source: Path,
+    index: int,
+    *,
+    path: Path | None = None,
+    data: bytes = b"",
+    shape: tuple[int, int, int] = (0, 0, 0),
+    error: str = "",
+) -> dict[str, Any]:
+    """One row of `input_schema()`; `shape` (H, W, C) is set only for raw pixels."""
+    height, width, channels = shape
+    return {
+        "source": str(source),
+        "index": index,
+        "path": "" if path is None else str(path),
+        "data": data,
+        "height": height,
+        "width": width,
+        "channels": channels,
+        "error": error,
+    }
 
 
 def enumerate_inputs(inputs: Sequence[str | Path], image_column: str | None = None) -> pa.Table:
@@ -248,7 +260,7 @@ def enumerate_inputs(inputs: Sequence[str | Path], image_column: str | None = No
         suffix = path.suffix.lower()
         if path.is_dir():
             rows.extend(
-                _file_row(p)
+                _row(p, 0, path=p)
                 for p in sorted(path.rglob("*"))
                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not _is_hidden(p, path)
             )
@@ -259,9 +271,9 @@ def enumerate_inputs(inputs: Sequence[str | Path], image_column: str | None = No
                 rows.extend(_npz_rows(path) if suffix == ".npz" else _parquet_rows(path, image_column))
             except Exception as exc:  # noqa: BLE001 - a bad file is an error row, not an aborted job
                 reason = " ".join(str(exc).split()) or type(exc).__name__
-                rows.append(_file_row(path) | {"index": -1, "path": "", "error": f"unreadable: {reason}"})
+                rows.append(_row(path, -1, error=f"unreadable: {reason}"))
         elif suffix in IMAGE_EXTENSIONS:
-            rows.append(_file_row(path))
+            rows.append(_row(path, 0, path=path))
         else:
             raise ValueError(f"input {given}: not a folder, image file, .npz or .parquet file")
     return pa.Table.from_pylist(rows, schema=input_schema())
@@ -433,9 +445,14 @@ def _run_ray(
     import ray
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar and summary say enough
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+        options: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": "WARNING",
+            "log_to_driver": False,
+        }
         if address:
             ray.init(address=address, **options)
         elif os.environ.get("RAY_ADDRESS"):
@@ -704,7 +721,7 @@ def add_score_batch_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--format", choices=["csv", "parquet"], help="output format (default: by suffix)")
     parser.add_argument("--image-column", help="Parquet inputs: the column of encoded images")
     parser.add_argument("--no-progress", action="store_true")
-    return parser  # fmt: skip
+    return parser
 
 
 def main_score_batch(args: argparse.Namespace) -> int:

@@ -171,7 +171,8 @@ PRESETS["fmnist-embedding-quick"] = RunConfig(
     name="fmnist-embedding-quick",
     description="tiny embedding flow for tests",
     model=EmbeddingFlowConfig(resolution=32, projection_dim=16, hidden=32, num_couplings=2),
-    data=DataConfig(train_limit=384, calibration_size=128, test_limit=128, ood_limit=128),
+    # The same calibration / test / OOD images as the quick pixel preset, so the two combine.
+    data=DataConfig(train_limit=384, calibration_size=256, test_limit=256, ood_limit=256),
     train=TrainConfig(
         batch_size=64,
         lr=1e-3,

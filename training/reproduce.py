@@ -151,6 +151,7 @@ PROFILES: dict[str, Profile] = {
             validation_size=32,
         ),
         embedding_train_limit=128,
+        threads=1,
     ),
     "cpu": Profile(
         name="cpu",
@@ -546,9 +547,30 @@ def reproduce(
 ) -> dict[str, Any]:
     """Train (or reuse), score and report every variant of the profile; returns the results."""
     profile = PROFILES[budget]
-    start = time.monotonic()
+    threads = torch.get_num_threads()
     if profile.threads is not None and device != "cuda":
         torch.set_num_threads(profile.threads)
+    try:
+        return _reproduce(
+            profile, output, figures_dir, runs_dir, device, progress, variants, with_embedding, log
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reproduce(
+    profile: Profile,
+    output: Path,
+    figures_dir: Path | None,
+    runs_dir: Path | None,
+    device: str,
+    progress: bool,
+    variants: list[str] | None,
+    with_embedding: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    budget = profile.name
+    start = time.monotonic()
     output = Path(output)
     figures_dir = Path(figures_dir) if figures_dir else output.parent / "figures" / "reproduction"
     runs_dir = Path(runs_dir) if runs_dir else Path("runs") / f"reproduce-{budget}"
