@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data test serve build-defaults lint bench clean
+.PHONY: install data test-tools test serve build-defaults lint bench loadtest clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,11 +28,17 @@ data:
 	  else echo "Fashion-MNIST missing: apt-get install dataset-fashion-mnist, or set OODFLOW_DATA_DIR"; fi; \
 	fi
 
-test: install data
+# promtool (Debian's prometheus package) lets the tests check every dashboard and alert query.
+test-tools:
+	@if ! command -v promtool >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1 || true; \
+	fi
+
+test: install data test-tools
 	$(PY) -m pytest -q tests
 
 lint: install
-	$(VENV)/bin/ruff check models training service tests benchmarks
+	$(VENV)/bin/ruff check models training service tests benchmarks deploy
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -41,6 +47,12 @@ build-defaults: install data
 
 serve: build-defaults
 	$(VENV)/bin/oodflow serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT)
+
+LOADTEST_ARGS ?= --users 16 --run-time 60s --max-requests 20000
+
+# Starts the service on the default models, runs Locust headless, writes out/loadtest/report.{md,json}.
+loadtest: build-defaults
+	$(PY) deploy/loadtest/run.py --repository $(REPOSITORY) --out out/loadtest $(LOADTEST_ARGS)
 
 bench: install data
 	$(PY) benchmarks/bench_flows.py

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
     "OodStatistic",
     "bits_per_dim",
     "combine_p_values",
+    "combined_verdict",
     "discrete_log_likelihood",
     "leave_one_out_p_values",
     "ood_score",
@@ -138,6 +140,22 @@ def combine_p_values(p_values: np.ndarray, rule: CombinationRule) -> np.ndarray:
     if rule == "min_p":
         return -np.log(np.minimum(1.0, p.shape[0] * p.min(axis=0)))
     raise ValueError(f"unknown combination rule '{rule}', expected one of {COMBINATION_RULES}")
+
+
+def combined_verdict(
+    member_p_values: Sequence[np.ndarray],
+    rule: CombinationRule,
+    threshold: float,
+    reference_sorted: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The combined verdict of an ensemble (`models.artifact.EnsembleManifest`) for N images.
+
+    `member_p_values`: one `(N,)` array per member, in the manifest's member order, each the
+    member's own `p_value`; `threshold` and `reference_sorted` are the ensemble's calibration.
+    Returns `(combined_score, p_value, is_ood)`, each `(N,)`.
+    """
+    score = combine_p_values(np.stack([np.asarray(p, dtype=np.float64) for p in member_p_values]), rule)
+    return score, p_value(score, reference_sorted), np.asarray(score > threshold, dtype=bool)
 
 
 def png_bits_per_dim(images: np.ndarray) -> np.ndarray:

@@ -41,7 +41,16 @@ from models.preprocessing import dequantize  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.runs import Run  # noqa: E402
 
-__all__ = ["CouplingTrace", "analyze", "analyze_model", "load_pixel_flow", "to_grid", "trace_couplings"]
+__all__ = [
+    "CouplingTrace",
+    "analysis_markdown",
+    "analyze",
+    "analyze_many",
+    "analyze_model",
+    "load_pixel_flow",
+    "to_grid",
+    "trace_couplings",
+]
 
 
 @dataclass
@@ -272,6 +281,35 @@ def analyze(
         )
     )
     return grids
+
+
+def analyze_many(
+    models: dict[str, Path],
+    figures_root: Path,
+    markdown: Path,
+    *,
+    in_distribution: str = "fashion-mnist:test",
+    ood: str = "mnist",
+    count: int = 3,
+    seed: int = 0,
+    command: str = "oodflow analyze",
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """`analyze` for several models (`{title: run or artifact folder}`) into one Markdown page;
+    figures go to `<figures_root>/<folder name>/`."""
+    done: dict[str, tuple[Path, dict[str, tuple[int, int]]]] = {}
+    for title, path in models.items():
+        model = load_pixel_flow(Path(path))
+        shape = model.input_shape
+        idd = load_dataset(in_distribution, shape=shape, limit=count, seed=seed)
+        oods = load_dataset(ood, shape=shape, limit=count, seed=seed)
+        images = np.concatenate([idd.images, oods.images])
+        labels = [f"in {i + 1}" for i in range(len(idd))] + [f"OOD {i + 1}" for i in range(len(oods))]
+        folder = Path(figures_root) / Path(path).name
+        done[title] = (folder, analyze_model(model, images, labels, folder, title))
+    markdown = Path(markdown)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(analysis_markdown(done, markdown.parent, in_distribution, ood, command))
+    return {title: grids for title, (_, grids) in done.items()}
 
 
 SENTENCES = {

@@ -90,8 +90,22 @@ class RunConfig(_Config):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
 
-def _pixel(name: str, description: str, model: PixelFlowConfig, train: TrainConfig, **data: Any) -> RunConfig:
-    return RunConfig(name=name, description=description, model=model, train=train, data=DataConfig(**data))
+def _pixel(
+    name: str,
+    description: str,
+    model: PixelFlowConfig,
+    train: TrainConfig,
+    calibration: CalibrationConfig | None = None,
+    **data: Any,
+) -> RunConfig:
+    return RunConfig(
+        name=name,
+        description=description,
+        model=model,
+        train=train,
+        data=DataConfig(**data),
+        calibration=calibration or CalibrationConfig(),
+    )
 
 
 _QUICK_DATA: dict[str, Any] = dict(train_limit=512, calibration_size=256, test_limit=256, ood_limit=256)
@@ -101,9 +115,13 @@ PRESETS: dict[str, RunConfig] = {
     # sized to train on a 2-core CPU within the build-defaults budget.
     "fmnist-pixel-realnvp": _pixel(
         "fmnist-pixel",
-        "RealNVP on Fashion-MNIST pixels (multi-scale, checkerboard + channel masks)",
+        "RealNVP on Fashion-MNIST pixels (multi-scale, checkerboard + channel masks), scored by input complexity",
         PixelFlowConfig(architecture="realnvp", width=32, depth=2),
         TrainConfig(batch_size=64, lr=2e-3, max_steps=1000, warmup_steps=50, checkpoint_every=100),
+        # Measured on Fashion-MNIST vs MNIST (docs/reproduction.md, checkerboard RealNVP): input
+        # complexity AUROC 0.97 vs typicality 0.88, likelihood ratio 0.18 and raw likelihood 0.06;
+        # it needs no second flow, so it costs no training time.
+        CalibrationConfig(statistic="complexity"),
     ),
     "fmnist-pixel-glow": _pixel(
         "fmnist-pixel-glow",

@@ -34,3 +34,7 @@ def test_reproduce_tiny_profile_end_to_end(tmp_path: Path) -> None:
         for m in r["metrics"].values():
             assert 0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["fpr_at_95_tpr"] <= 1.0
     assert any("wrote" in line for line in logged)
+    # the analysis page of the checkerboard and horizontal RealNVP is regenerated beside it
+    analysis = (tmp_path / "docs" / "analysis.md").read_text()
+    assert "figures/analysis/realnvp-horizontal/coadaptation.png" in analysis
+    assert (tmp_path / "docs" / "figures" / "analysis" / "realnvp-checkerboard" / "latent.png").is_file()

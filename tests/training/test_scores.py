@@ -28,6 +28,7 @@ from models.ratio import LikelihoodRatioModel
 from models.scores import (
     LN2,
     combine_p_values,
+    combined_verdict,
     leave_one_out_p_values,
     ood_score,
     p_value,
@@ -111,6 +112,12 @@ def test_combination_rules_by_hand() -> None:
     p = np.array([[0.5, 1.0], [0.25, 1.0]])  # 2 models x 2 images
     np.testing.assert_allclose(combine_p_values(p, "fisher"), [2 * math.log(8), 0.0], atol=1e-12)
     np.testing.assert_allclose(combine_p_values(p, "min_p"), [-math.log(0.5), 0.0], atol=1e-12)
+    score, p, flag = combined_verdict(
+        [p[0], p[1]], "fisher", threshold=1.0, reference_sorted=np.array([0.5, 2.0])
+    )
+    np.testing.assert_allclose(score, [2 * math.log(8), 0.0], atol=1e-12)
+    np.testing.assert_allclose(p, [1 / 3, 1.0])
+    assert flag.tolist() == [True, False]
     with pytest.raises(ValueError):
         combine_p_values(np.array([[0.0, 0.5]]), "fisher")
     with pytest.raises(ValueError):
