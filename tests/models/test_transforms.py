@@ -93,6 +93,15 @@ CASES["vector-flow-alternate"] = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """These are thousands of tiny ops: one thread is faster, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _input(shape: tuple[int, ...], batch: int, name: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(3)
     if name == "logit":
