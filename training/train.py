@@ -311,4 +311,12 @@ def train(
         trainer: _Trainer = _PixelTrainer(run, model, splits, dev)
     else:
         trainer = _EmbeddingTrainer(run, model, splits, dev)
-    return trainer.fit(resume=resume, max_minutes=max_minutes, progress=progress, on_step=on_step)
+    threads = torch.get_num_threads()
+    if isinstance(trainer, _EmbeddingTrainer) and dev.type == "cpu":
+        # The vector flow's matmuls are tiny: one thread is as fast, and a second thread only
+        # waits at every op's barrier when the machine is busy (measured 100x slower).
+        torch.set_num_threads(1)
+    try:
+        return trainer.fit(resume=resume, max_minutes=max_minutes, progress=progress, on_step=on_step)
+    finally:
+        torch.set_num_threads(threads)
