@@ -38,7 +38,7 @@ from models.config import EmbeddingFlowConfig, PixelFlowConfig  # noqa: E402
 from models.flows import EmbeddingFlow, PixelFlow  # noqa: E402
 from models.scores import OOD_STATISTICS, bits_per_dim, png_bits_per_dim  # noqa: E402
 from training.background import background_dir, load_background, train_background  # noqa: E402
-from training.config import CalibrationConfig, DataConfig, RunConfig, TrainConfig  # noqa: E402
+from training.config import PRESETS, CalibrationConfig, DataConfig, RunConfig, TrainConfig  # noqa: E402
 from training.ensemble import combine_members  # noqa: E402
 from training.evaluate import ood_metrics  # noqa: E402
 from training.runs import Run, Splits, load_splits  # noqa: E402
@@ -49,6 +49,8 @@ from training.train import train  # noqa: E402
 __all__ = ["PROFILES", "Budget", "Profile", "Variant", "reproduce"]
 
 Budget = Literal["tiny", "cpu", "gpu"]
+
+DEFAULT_PIXEL_STATISTIC = PRESETS["fmnist-pixel"].calibration.statistic
 
 STATISTIC_LABELS = {
     "nll": "likelihood",
@@ -345,17 +347,19 @@ def _findings(results: list[_Scored], ood: str) -> list[str]:
         return by[name].rows[statistic]["auroc"]
 
     pixel = [r for r in results if r.kind == "pixel"]
-    fails = [r for r in pixel if r.bits_per_dim[f"ood-{ood}"] < r.bits_per_dim["test"]]
+    # The bottleneck is the paper's remedy, so the failure itself is judged on the flows without one.
+    plain = [r for r in pixel if not r.name.startswith("realnvp-bottleneck-")]
+    fails = [r for r in plain if r.bits_per_dim[f"ood-{ood}"] < r.bits_per_dim["test"]]
     verdict = (
         "**Reproduced**"
-        if len(fails) == len(pixel)
+        if plain and len(fails) == len(plain)
         else ("**Partly reproduced**" if fails else "**Not reproduced**")
     )
     lines.append(
-        f"- {verdict}: the likelihood failure (§1, Nalisnick et al.). {len(fails)} of {len(pixel)} pixel flows give "
-        f"MNIST *lower* bits/dim than Fashion-MNIST test, so likelihood AUROC is below 0.5 "
-        f"({', '.join(f'{r.name} {auroc(r.name):.3f}' for r in pixel)}). The paper's Glow: 3.14 bits/dim "
-        "test vs 2.08 on MNIST."
+        f"- {verdict}: the likelihood failure (§1, Nalisnick et al.). {len(fails)} of {len(plain)} pixel flows "
+        "without an st-network bottleneck give MNIST *lower* bits/dim than Fashion-MNIST test, so their likelihood "
+        f"AUROC is far below 0.5 ({', '.join(f'{r.name} {auroc(r.name):.3f}' for r in plain)}). The paper's Glow: "
+        "3.14 bits/dim test vs 2.08 on MNIST."
     )
     if {"realnvp-checkerboard", "realnvp-horizontal", "realnvp-cycle"} <= by.keys():
         base = auroc("realnvp-checkerboard")
@@ -368,11 +372,11 @@ def _findings(results: list[_Scored], ood: str) -> list[str]:
         lines.append(
             f"- {word}: masks that take away the local-neighbour shortcut (§7) improve likelihood OOD ranking: "
             f"checkerboard {base:.3f}, horizontal {auroc('realnvp-horizontal'):.3f}, cycle {auroc('realnvp-cycle'):.3f} "
-            "AUROC. The paper finds the change helps but does not by itself make likelihood a good detector: "
+            "AUROC. The paper reports that these masks reduce coupling-layer co-adaptation and improve OOD ranking; "
             + (
-                "neither do we, every variant stays far from the embedding flow."
-                if max(auroc("realnvp-horizontal"), auroc("realnvp-cycle")) < 0.9
-                else "here one mask variant already does well."
+                "at this budget every mask variant still ranks MNIST as more in-distribution than Fashion-MNIST."
+                if max(auroc("realnvp-horizontal"), auroc("realnvp-cycle")) < 0.5
+                else "here at least one mask variant ranks MNIST as OOD."
             )
         )
     bottlenecks = sorted(
@@ -385,9 +389,11 @@ def _findings(results: list[_Scored], ood: str) -> list[str]:
         word = "**Reproduced**" if best > auroc("realnvp-checkerboard") + 0.02 else "**Not reproduced**"
         lines.append(
             f"- {word}: an st-network bottleneck (§8) improves likelihood AUROC over the unrestricted checkerboard "
-            f"RealNVP ({auroc('realnvp-checkerboard'):.3f}): {seq}. The paper also reports a cost in bits/dim "
+            f"RealNVP ({auroc('realnvp-checkerboard'):.3f}): {seq}. Bits/dim on Fashion-MNIST test "
             f"(here {', '.join(format(r.bits_per_dim['test'], '.2f') for r in bottlenecks)} vs "
-            f"{by['realnvp-checkerboard'].bits_per_dim['test']:.2f} on Fashion-MNIST test)."
+            f"{by['realnvp-checkerboard'].bits_per_dim['test']:.2f} on Fashion-MNIST test). At this budget the "
+            "bottleneck flows are also further from convergence, so part of the gain may come from modelling less "
+            "local structure at all, which is the mechanism the paper proposes, but not a controlled comparison."
         )
     if "glow" in by:
         g = by["glow"]
@@ -407,28 +413,32 @@ def _findings(results: list[_Scored], ood: str) -> list[str]:
             f"(AUROC {auroc(e.name):.3f} vs at best {best_pixel_nll:.3f})."
         )
     if pixel:
-        best: dict[str, tuple[float, str]] = {}
-        for r in pixel:
-            for statistic, row in r.rows.items():
-                if statistic not in best or row["auroc"] > best[statistic][0]:
-                    best[statistic] = (row["auroc"], r.name)
-        parts = ", ".join(f"{STATISTIC_LABELS[s]} {a:.3f} ({n})" for s, (a, n) in best.items())
+        failing = [r for r in pixel if r.rows["nll"]["auroc"] < 0.5]
         lines.append(
-            "- Beyond the paper: scores that correct raw likelihood (best AUROC per statistic over the pixel flows): "
-            f"{parts}."
+            f"- Beyond the paper: scores that correct raw likelihood, on the {len(failing)} pixel flows whose "
+            "likelihood fails (AUROC < 0.5):"
         )
-        for statistic, r in (("complexity", "Serrà et al. 2020"), ("likelihood_ratio", "Ren et al. 2019")):
-            if statistic in best and "nll" in best:
-                a, n = best[statistic]
-                if best["nll"][0] >= 0.5:
-                    verdict = (
-                        f"reaches {a:.3f}; raw likelihood did not fail here, so there was nothing to fix"
-                    )
-                elif a > 0.5:
-                    verdict = f"turns the failure around ({a:.3f} vs {best['nll'][0]:.3f} for likelihood)"
-                else:
-                    verdict = f"does not fix the failure at this budget ({a:.3f})"
-                lines.append(f"  - {STATISTIC_LABELS[statistic]} ({r}) {verdict}.")
+        for statistic, ref in (
+            ("typicality", "Nalisnick et al. 2019"),
+            ("complexity", "Serrà et al. 2020"),
+            ("likelihood_ratio", "Ren et al. 2019"),
+        ):
+            if not failing or statistic not in failing[0].rows:
+                continue
+            values = [r.rows[statistic]["auroc"] for r in failing]
+            fixed = sum(v > 0.5 for v in values)
+            lines.append(
+                f"  - {STATISTIC_LABELS[statistic]} ({ref}): AUROC above 0.5 on {fixed} of {len(failing)} "
+                f"(mean {np.mean(values):.3f}, best {max(values):.3f}, worst {min(values):.3f})."
+            )
+        if "realnvp-checkerboard" in by:
+            rows = by["realnvp-checkerboard"].rows
+            ranked = sorted(rows, key=lambda k: rows[k]["auroc"], reverse=True)
+            lines.append(
+                "- The default `fmnist-pixel` model is a checkerboard RealNVP; on that variant the statistics rank "
+                + ", ".join(f"{STATISTIC_LABELS[k]} {rows[k]['auroc']:.3f}" for k in ranked)
+                + f" (AUROC). `fmnist-pixel` ships `{DEFAULT_PIXEL_STATISTIC}`."
+            )
     return lines
 
 
@@ -695,10 +705,10 @@ def _reproduce(
         same_images = emb_splits.calibration.fingerprint() == splits.calibration.fingerprint()
         pixel = [r for r in results if r.kind == "pixel"]
         if pixel and same_images:
-            # Combine the embedding flow with the best-scoring pixel flow and statistic (issue 6 §2).
-            partner, statistic = max(
-                ((r, s) for r in pixel for s in r.rows), key=lambda rs: rs[0].rows[rs[1]]["auroc"]
-            )
+            # Combine the embedding flow with the pixel flow the default models use (checkerboard RealNVP)
+            # scored by the default statistic, as `build-defaults` does (issue 6 §2).
+            partner = next((r for r in pixel if r.name == "realnvp-checkerboard"), pixel[0])
+            statistic = DEFAULT_PIXEL_STATISTIC
             for rule in ("fisher", "min_p"):
                 comb = combine_members(
                     [partner.scores[statistic]["calibration"], emb.scores["nll"]["calibration"]],
@@ -707,8 +717,10 @@ def _reproduce(
                 )
                 m = ood_metrics(comb.splits["test"], comb.splits[f"ood-{ood}"])
                 ensemble_rows.append(
-                    f"| combined ({rule}): embedding + {partner.label} | p-values of embedding likelihood and "
-                    f"{STATISTIC_LABELS[statistic]} | {emb.parameters + partner.parameters:,} | | | {m['auroc']:.3f} | "
+                    f"| combined ({rule}): embedding + {partner.label} | p-values of embedding likelihood "
+                    f"(alone {emb.rows['nll']['auroc']:.3f}) and {STATISTIC_LABELS[statistic]} (alone "
+                    f"{partner.rows[statistic]['auroc']:.3f}) | {emb.parameters + partner.parameters:,} | | | "
+                    f"{m['auroc']:.3f} | "
                     f"{m['fpr_at_95_tpr']:.3f} | {_fmt_time(emb.seconds['nll'] + partner.seconds[statistic])} |"
                 )
     if analysis:

@@ -41,6 +41,7 @@ from training.ensemble import build_ensemble, combine_members
 from training.evaluate import ood_metrics
 from training.export import check_parity, export_onnx, export_torchscript
 from training.pipeline import build_run
+from training.statistics import load_split_scores
 
 D = 784
 
@@ -266,10 +267,20 @@ def test_ensemble_of_the_quick_models(quick_repository: dict[str, Path], tmp_pat
     assert set(mnist.member_auroc) == {"fmnist-pixel-quick", "fmnist-embedding-quick"}
     assert 0.0 <= mnist.auroc <= 1.0
     assert "combined AUROC" in path.with_suffix(".md").read_text()
-    # a service-side recomputation from the manifests alone gives the recorded reference scores' law
+    # what the service does: member p-values from each manifest's calibration, then combined_verdict
     manifests = [verify_artifact(a) for _, a in members]
-    ref = np.array(loaded.calibration.reference_scores)
-    assert np.all(np.diff(ref) >= 0) and len(ref) == manifests[0].calibration.validation_size
+    p = [
+        p_value(
+            load_split_scores(run / "scores", "test")["ood_score"],  # type: ignore[arg-type]
+            np.array(m.calibration.reference_scores),
+        )
+        for (run, _), m in zip(members, manifests, strict=True)
+    ]
+    _, combined_p, is_ood = combined_verdict(
+        p, loaded.rule, loaded.calibration.threshold, np.array(loaded.calibration.reference_scores)
+    )
+    assert float(np.mean(is_ood)) == pytest.approx(loaded.in_distribution_test["flagged_fraction"])
+    assert np.all((combined_p > 0) & (combined_p <= 1))
 
 
 def test_ensemble_manifest_validation(tmp_path: Path) -> None:
@@ -298,3 +309,29 @@ def test_ensemble_manifest_validation(tmp_path: Path) -> None:
     ensemble_path(tmp_path, "broken").write_text("{}")
     with pytest.raises(ArtifactError, match="invalid ensemble"):
         load_ensemble(ensemble_path(tmp_path, "broken"))
+
+
+def test_build_defaults_writes_and_reuses_the_default_ensemble(
+    quick_repository: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import training.pipeline as pipeline
+
+    runs, repo = tmp_path / "runs", tmp_path / "repo"
+    names = {
+        "fmnist-pixel-quick": "fmnist-pixel-realnvp-quick",
+        "fmnist-embedding-quick": "fmnist-embedding-quick",
+    }
+    for name, preset in names.items():
+        shutil.copytree(quick_repository[preset + ":run"], runs / name)
+        shutil.copytree(quick_repository[preset], repo / name / "1")
+    monkeypatch.setattr(pipeline, "DEFAULT_MODELS", names)
+    path = pipeline.build_default_ensemble(repo, runs)
+    assert path is not None and path == ensemble_path(repo, pipeline.DEFAULT_ENSEMBLE)
+    first = path.stat().st_mtime_ns
+    assert (
+        pipeline.build_default_ensemble(repo, runs) == path and path.stat().st_mtime_ns == first
+    )  # up to date
+    assert {(m.name, m.version) for m in load_ensemble(path).members} == {(n, 1) for n in names}
+    assert pipeline.build_default_ensemble(repo, tmp_path / "no-runs") is None
