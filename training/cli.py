@@ -86,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate
 
-    c = calibrate(args.run_dir, device=args.device)
+    c = calibrate(args.run_dir, device=args.device, statistic=args.statistic)
     print(
         f"threshold {c['threshold']:.5f} ({c['statistic']}) at target FPR {c['target_fpr']:.1%} on "
         f"{c['validation_size']} held-out images; observed FPR {c['validation_fpr']:.2%}"
@@ -153,6 +153,41 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from training.reproduce import reproduce
+
+    reproduce(
+        args.budget,
+        output=Path(args.output),
+        figures_dir=Path(args.figures_dir) if args.figures_dir else None,
+        runs_dir=Path(args.runs_dir) if args.runs_dir else None,
+        device=args.device,
+        progress=not args.no_progress,
+        variants=args.variant,
+        with_embedding=not args.no_embedding,
+        analysis=not args.no_analysis,
+    )
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from training.analyze import analyze
+
+    output = Path(args.output)
+    grids = analyze(
+        Path(args.model),
+        output,
+        in_distribution=args.in_distribution,
+        ood=args.ood,
+        count=args.count,
+        seed=args.seed,
+        markdown=Path(args.markdown) if args.markdown else None,
+    )
+    for name, (rows, cols) in grids.items():
+        print(f"{output / name}: {rows} x {cols} panels")
+    return 0
+
+
 def _cmd_score_batch(args: argparse.Namespace) -> int:
     # Imported here: the service (FastAPI, ONNX Runtime, pyarrow) costs a second at start-up.
     from service.batch import main_score_batch
@@ -187,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--ood", action="append", help="OOD dataset spec (repeatable; default from the config)"
             )
+        else:
+            p.add_argument(
+                "--statistic",
+                choices=["nll", "typicality", "complexity", "likelihood_ratio"],
+                help="OOD statistic (default: the run config's)",
+            )
         p.set_defaults(func=fn)
 
     p = sub.add_parser("export", help="write a run as a verified artifact version")
@@ -203,6 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a verified version exists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_build_defaults)
+
+    p = sub.add_parser("reproduce", help="the paper's Sections 7-8 comparison, Fashion-MNIST vs MNIST")
+    p.add_argument("--budget", default="cpu", choices=["tiny", "cpu", "gpu"])
+    p.add_argument(
+        "--output", default="docs/reproduction.md", help="the Markdown report (analysis.md goes beside it)"
+    )
+    p.add_argument("--figures-dir", help="default: <output folder>/figures/reproduction")
+    p.add_argument("--runs-dir", help="default: runs/reproduce-<budget>; finished trainings are reused")
+    p.add_argument(
+        "--variant", action="append", help="only this variant, e.g. realnvp-horizontal (repeatable)"
+    )
+    p.add_argument("--no-embedding", action="store_true")
+    p.add_argument("--no-analysis", action="store_true", help="do not regenerate analysis.md")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("analyze", help="PNG grids of a pixel flow's latents, s/t maps and coupling outputs")
+    p.add_argument("model", help="a pixel run folder or an artifact version folder")
+    p.add_argument("--output", default="analysis", help="folder for the PNGs (and analysis.md)")
+    p.add_argument("--in-distribution", default="fashion-mnist:test")
+    p.add_argument("--ood", default="mnist")
+    p.add_argument("--count", type=int, default=3, help="images per set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", help="page to write (default <output>/analysis.md)")
+    p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser(
         "score-batch", help="score image folders, .npz and Parquet files offline to CSV or Parquet"
