@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from models.artifact import ArtifactError, Manifest, find_versions, verify_artifact
+from service.ensemble import ServedEnsemble, discover_ensembles, resolve_ensembles
 from service.errors import ModelNotFound, ModelUnavailable, NotReady
 from service.runtime import BACKGROUND_OUTPUT, GRAPH_FILES, REQUIRED_OUTPUTS, Scorer, load_scorer
 from service.settings import Settings
@@ -109,6 +110,7 @@ class Registry:
         self.settings = settings
         self._wrap_scorer = wrap_scorer
         self.models: dict[str, ServedModel] = {}
+        self.ensembles: dict[str, ServedEnsemble] = {}
 
     # ------------------------------------------------------------------ discovery
 
@@ -133,8 +135,8 @@ class Registry:
                 entries.append(ServedModel(name, version, repository / name / str(version)))
         elif repository.is_dir():
             for folder in sorted(
-                p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")
-            ):
+                p for p in repository.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+            ):  # `_ensembles` and other `_` folders are not models
                 versions = find_versions(repository, folder.name)
                 if not versions:
                     log.warning("skipping %s: no numbered version folders", folder)
@@ -143,7 +145,12 @@ class Registry:
         else:
             log.error("model repository %s does not exist", repository)
         self.models = {entry.name: entry for entry in entries}
+        self.ensembles = {e.name: e for e in discover_ensembles(repository)} if repository.is_dir() else {}
         return entries
+
+    def resolve_ensembles(self) -> None:
+        """Once loading is done: each ensemble is valid only if its members serve at its versions."""
+        resolve_ensembles(self.ensembles.values(), self.models)
 
     def _missing(self, name: str, version: int | None, reason: str) -> ServedModel:
         log.error("refusing model %s: %s", name, reason, extra={"model": name})

@@ -15,6 +15,10 @@ __all__ = [
     "EXAMPLE_PNG_B64",
     "ArrayBody",
     "ArrayPayload",
+    "CombinedResult",
+    "CombinedVerdict",
+    "EnsembleMemberRef",
+    "EnsembleSummary",
     "ErrorBody",
     "ErrorDetail",
     "EncodedImage",
@@ -129,14 +133,80 @@ class ModelScores(BaseModel):
     results: list[ScoreResult] = Field(description="one per input image, in input order")
 
 
+class EnsembleMemberRef(BaseModel):
+    name: str
+    version: int
+
+
+class CombinedResult(BaseModel):
+    combined_score: float = Field(
+        description="the members' p-values combined by the ensemble's rule (higher = more OOD)"
+    )
+    p_value: float = Field(
+        description="fraction of the ensemble's in-distribution reference scores at least as large "
+        "(+1 smoothing)"
+    )
+    is_ood: bool = Field(description="combined_score > threshold")
+
+
+class CombinedVerdict(BaseModel):
+    """One verdict over several models: the first valid ensemble (by name) whose members were all scored."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "ensemble": "fmnist",
+                    "rule": "fisher",
+                    "members": [
+                        {"name": "fmnist-pixel", "version": 1},
+                        {"name": "fmnist-embedding", "version": 1},
+                    ],
+                    "threshold": 9.21,
+                    "target_fpr": 0.05,
+                    "results": [{"combined_score": 2.31, "p_value": 0.48, "is_ood": False}],
+                }
+            ]
+        }
+    )
+    ensemble: str
+    rule: Literal["fisher", "min_p"] = Field(
+        description="fisher: -2 Σ ln p_k; min_p: -ln min(1, K·min p_k), over the members' p_values"
+    )
+    members: list[EnsembleMemberRef] = Field(description="in the order their p-values are combined")
+    threshold: float = Field(description="calibrated on in-distribution data at target_fpr")
+    target_fpr: float
+    results: list[CombinedResult] = Field(description="one per input image, in input order")
+
+
 class MultiModelScores(BaseModel):
     models: list[ModelScores] = Field(description="results grouped per model")
+    combined: CombinedVerdict | None = Field(
+        None, description="the combined verdict, or null when no valid ensemble's members were all scored"
+    )
+
+
+class EnsembleSummary(BaseModel):
+    name: str
+    status: Literal["loading", "valid", "stale", "failed"] = Field(
+        description="valid: every member serves at the listed version; stale: not (never used); "
+        "failed: unreadable manifest"
+    )
+    reason: str | None = None
+    rule: Literal["fisher", "min_p"] | None = None
+    members: list[EnsembleMemberRef] = Field(default_factory=list)
+    threshold: float | None = None
+    target_fpr: float | None = None
+    description: str = ""
 
 
 class ModelList(BaseModel):
     models: list[dict[str, Any]] = Field(
         description="per model: name, version, status (loading|ready|failed), reason, manifest summary, "
         "calibration and metrics"
+    )
+    ensembles: list[EnsembleSummary] = Field(
+        default_factory=list, description="ensembles under <repository>/_ensembles, by name"
     )
 
 

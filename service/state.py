@@ -59,6 +59,7 @@ class ServiceState:
                         self._start_batcher(entry)
                 self.metrics.set_ready(entry.name, entry.status == "ready")
         finally:
+            self.registry.resolve_ensembles()
             self.loaded = True
             ready, models = self.readiness()
             log.info("model loading finished: %s", "ready" if ready else f"not ready {models}")

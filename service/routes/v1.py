@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from service.ensemble import combined_block
 from service.errors import NotReady
 from service.parsing import parse_score_body
 from service.routes.common import ERROR_RESPONSES, get_state, json_response, unless_disconnected
@@ -66,8 +67,13 @@ _RESIZE = Query(
 
 @router.get("/models", response_model=ModelList, summary="Every model: status, manifest summary, calibration")
 async def list_models(request: Request) -> Response:
-    models = get_state(request).registry.models.values()
-    return json_response({"models": [m.summary() for m in models]})
+    registry = get_state(request).registry
+    return json_response(
+        {
+            "models": [m.summary() for m in registry.models.values()],
+            "ensembles": [e.summary() for e in registry.ensembles.values()],
+        }
+    )
 
 
 @router.get(
@@ -102,7 +108,7 @@ async def score(name: str, request: Request, resize: bool = _RESIZE) -> Response
 @router.post(
     "/score",
     response_model=MultiModelScores,
-    summary="Score images with several models (default: every ready model)",
+    summary="Score images with several models (default: every ready model), plus a combined verdict",
     responses=ERROR_RESPONSES,
     openapi_extra=SCORE_REQUEST_BODY,
 )
@@ -128,4 +134,5 @@ async def score_many(
         return list(await asyncio.gather(*(score_model(state, m, batch, resize) for m in served)))
 
     outcomes = await unless_disconnected(request, work())
-    return json_response({"models": [o.to_v1() for o in outcomes]})
+    combined = combined_block(state.registry.ensembles.values(), outcomes)
+    return json_response({"models": [o.to_v1() for o in outcomes], "combined": combined})
