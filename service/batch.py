@@ -581,6 +581,19 @@ class _Journal:
         return result
 
 
+def _combined_order(
+    combined: pa.Table, item_keys: list[tuple[str, int]], n_models: int
+) -> dict[tuple[str, int, str], int]:
+    """Place each combined row right after its image's member rows."""
+    position = {key: i for i, key in enumerate(item_keys)}
+    return {
+        (s, k, m): position.get((s, k), len(item_keys)) * (n_models + 1) + n_models
+        for s, k, m in zip(
+            *(combined.column(c).to_pylist() for c in ("source", "index", "model")), strict=True
+        )
+    }
+
+
 def _summary(table: pa.Table) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for model, error, is_ood in zip(
@@ -599,6 +612,65 @@ def _summary(table: pa.Table) -> dict[str, dict[str, Any]]:
     for entry in out.values():
         entry["ood_rate"] = entry["ood"] / entry["scored"] if entry["scored"] else 0.0
     return out
+
+
+COMBINED_PREFIX = "combined:"
+
+
+def combined_rows(result: pa.Table, repository: Path) -> pa.Table | None:
+    """Rows `model="combined:<ensemble>"` for the first ensemble (by name) whose members were all
+    scored at their versions: the members' p-values combined exactly as `POST /v1/score` does
+    (`models.scores.combined_verdict`). An image with an error row for any member gets an error
+    row here too. None when no ensemble applies."""
+    import numpy as np
+    import pyarrow as pa
+
+    from models.artifact import ArtifactError, find_ensembles, load_ensemble
+    from models.scores import combined_verdict
+
+    rows = result.to_pylist()
+    by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_key.setdefault((row["source"], row["index"]), {})[row["model"]] = row
+    versions = {row["model"]: row["version"] for row in rows if not row["error"]}
+    for path in find_ensembles(repository):
+        try:
+            ens = load_ensemble(path)
+        except ArtifactError:
+            continue
+        names = [m.name for m in ens.members]
+        if not all(versions.get(m.name) == m.version for m in ens.members):
+            continue
+        keys = [k for k, per in by_key.items() if all(n in per for n in names)]
+        ok = [k for k in keys if not any(by_key[k][n]["error"] for n in names)]
+        reference = np.asarray(ens.calibration.reference_scores, dtype=np.float64)
+        out: list[dict[str, Any]] = []
+        if ok:
+            ps = [np.array([by_key[k][n]["p_value"] for k in ok], dtype=np.float64) for n in names]
+            score, p, flag = combined_verdict(ps, ens.rule, ens.calibration.threshold, reference)
+            for k, sc, pv, fl in zip(ok, score.tolist(), p.tolist(), flag.tolist(), strict=True):
+                out.append(
+                    {"source": k[0], "index": k[1], "ood_score": sc, "p_value": pv, "is_ood": fl, "error": ""}
+                )
+        ok_set = set(ok)
+        for k in keys:
+            if k not in ok_set:
+                errors = "; ".join(f"{n}: {by_key[k][n]['error']}" for n in names if by_key[k][n]["error"])
+                out.append({"source": k[0], "index": k[1], "error": errors})
+        model = f"{COMBINED_PREFIX}{ens.name}"
+        full = [
+            {
+                **dict.fromkeys(output_schema().names),
+                "model": model,
+                "version": 0,
+                "threshold": ens.calibration.threshold,
+                "resized": False,
+                **r,
+            }
+            for r in out
+        ]
+        return pa.Table.from_pylist(full, schema=output_schema())
+    return None
 
 
 def score_batch(
@@ -677,8 +749,20 @@ def score_batch(
         finally:
             bar.close()
     seconds = time.perf_counter() - start
-    order = {(s, k, m): i * len(names) + j for i, (s, k) in enumerate(item_keys) for j, m in enumerate(names)}
+    order = {
+        (s, k, m): i * (len(names) + 1) + j for i, (s, k) in enumerate(item_keys) for j, m in enumerate(names)
+    }
     result = journal.finish(order)
+    # The combined verdict is derived from the member rows, so it is recomputed on every run
+    # (resumed runs included) rather than journaled.
+    import pyarrow.compute as pc
+
+    members_only = result.filter(pc.invert(pc.starts_with(result.column("model"), COMBINED_PREFIX)))
+    combined = combined_rows(members_only, config.repository)
+    if combined is not None:
+        result = pa.concat_tables([members_only, combined])
+        journal.write(combined)
+        result = journal.finish({**order, **_combined_order(combined, item_keys, len(names))})
     return {
         "output": str(output),
         "pending": pending.num_rows,

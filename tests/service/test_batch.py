@@ -311,3 +311,90 @@ def test_service_batch_does_not_import_training_or_flows() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_combined_rows_match_the_service_rule(tmp_path: Path) -> None:
+    """Batch scoring adds `combined:<ensemble>` rows computed exactly like POST /v1/score's block;
+    an image that failed for any member gets an error row, and a stale ensemble is ignored."""
+    import numpy as np
+    import pyarrow as pa
+
+    from models.artifact import Calibration, EnsembleManifest, EnsembleMember, write_ensemble
+    from models.scores import combined_verdict
+    from service.batch import combined_rows, output_schema
+
+    reference = sorted(np.random.default_rng(0).chisquare(4, 200).tolist())
+    calibration = Calibration(
+        target_fpr=0.05,
+        threshold=float(np.quantile(reference, 0.95)),
+        validation_set="t",
+        validation_size=200,
+        validation_fpr=0.05,
+        reference_scores=reference,
+    )
+    members = [
+        EnsembleMember(name="a", version=1, kind="pixel", statistic="complexity"),
+        EnsembleMember(name="b", version=2, kind="embedding", statistic="nll"),
+    ]
+    write_ensemble(
+        tmp_path,
+        EnsembleManifest(
+            name="ab", rule="fisher", rule_definition="fisher", members=members, calibration=calibration
+        ),
+    )
+    p = {("x", 0): (0.5, 0.4), ("y", 0): (0.001, 0.9), ("z", 0): (0.02, 0.003)}
+    rows = []
+    for (source, index), (pa_, pb) in p.items():
+        for name, version, pv in (("a", 1, pa_), ("b", 2, pb)):
+            rows.append(
+                {
+                    **dict.fromkeys(output_schema().names),
+                    "source": source,
+                    "index": index,
+                    "model": name,
+                    "version": version,
+                    "p_value": pv,
+                    "error": "",
+                }
+            )
+    rows.append(
+        {
+            **dict.fromkeys(output_schema().names),
+            "source": "bad",
+            "index": 0,
+            "model": "a",
+            "version": 1,
+            "error": "not a decodable image",
+        }
+    )
+    rows.append(
+        {
+            **dict.fromkeys(output_schema().names),
+            "source": "bad",
+            "index": 0,
+            "model": "b",
+            "version": 2,
+            "error": "not a decodable image",
+        }
+    )
+    table = pa.Table.from_pylist(rows, schema=output_schema())
+    combined = combined_rows(table, tmp_path)
+    assert combined is not None
+    got = {(r["source"], r["index"]): r for r in combined.to_pylist()}
+    assert set(got) == {("x", 0), ("y", 0), ("z", 0), ("bad", 0)}
+    assert all(r["model"] == "combined:ab" for r in got.values())
+    keys = [("x", 0), ("y", 0), ("z", 0)]
+    score, pv, flag = combined_verdict(
+        [np.array([p[k][0] for k in keys]), np.array([p[k][1] for k in keys])],
+        "fisher",
+        calibration.threshold,
+        np.asarray(reference),
+    )
+    for k, s, q, f in zip(keys, score, pv, flag, strict=True):
+        assert got[k]["ood_score"] == pytest.approx(s) and got[k]["p_value"] == pytest.approx(q)
+        assert got[k]["is_ood"] == bool(f)
+    assert got[("y", 0)]["is_ood"] and got[("z", 0)]["is_ood"] and not got[("x", 0)]["is_ood"]
+    assert "not a decodable image" in got[("bad", 0)]["error"]
+    # members scored at another version: the ensemble no longer applies
+    stale = table.set_column(3, "version", pa.array([1] * table.num_rows, type=pa.int64()))
+    assert combined_rows(stale, tmp_path) is None
