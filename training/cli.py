@@ -271,31 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="page to write (default <output>/analysis.md)")
     p.set_defaults(func=_cmd_analyze)
 
-    p = sub.add_parser(
-        "score-batch", help="score image folders, .npz and Parquet files offline to CSV or Parquet"
+    from service.batch import add_score_batch_arguments
+
+    p = add_score_batch_arguments(
+        sub.add_parser(
+            "score-batch", help="score image folders, .npz and Parquet files offline to CSV or Parquet"
+        )
     )
-    p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image folders (recursive), image, .npz or .parquet files"
-    )
-    p.add_argument("--model", action="append", required=True, help="model name or name:version (repeatable)")
-    p.add_argument("--output", required=True, help="CSV or Parquet file (by suffix); re-running resumes it")
-    p.add_argument("--repository", help="model repository (OODFLOW_MODEL_REPOSITORY, ./model-repository)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--workers", type=int, help="threads (local) or actors (ray); default: cores / GPUs")
-    p.add_argument(
-        "--gpus-per-worker", type=float, help="Ray: GPUs per actor (default 1 when the cluster has GPUs)"
-    )
-    p.add_argument("--batch-size", type=int, default=128, help="images per inference call")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    p.add_argument("--runtime", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument(
-        "--resize", action="store_true", help="resize images to the model's size instead of error rows"
-    )
-    p.add_argument("--format", choices=["csv", "parquet"], help="output format (default: by suffix)")
-    p.add_argument("--image-column", help="Parquet inputs: the column of encoded images")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_score_batch)
 
     from service.cli import add_serve_arguments
