@@ -21,7 +21,13 @@ def _batched(
 ) -> np.ndarray:  # type: ignore[no-untyped-def]
     outputs = []
     starts = range(0, len(images), batch_size)
-    bar = tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None or len(starts) < 4)
+    bar = tqdm(
+        starts,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        disable=True if desc is None or len(starts) < 4 else None,
+    )  # None: only on a terminal
     for start in bar:
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
         outputs.append(fn(batch).double().cpu().numpy())
