@@ -25,7 +25,7 @@ import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -274,15 +274,23 @@ def write_ensemble(repository: Path, ensemble: EnsembleManifest) -> Path:
     return path
 
 
+_SchemaT = TypeVar("_SchemaT", bound=BaseModel)
+
+
+def _read_validated(path: Path, schema: type[_SchemaT], what: str) -> _SchemaT:
+    """Parse and validate a JSON file; any problem is an ArtifactError naming the file."""
+    try:
+        return schema.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        first = str(exc).splitlines()
+        raise ArtifactError(f"{path}: invalid {what}: {' '.join(first[:3])}") from None
+
+
 def load_ensemble(path: Path) -> EnsembleManifest:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such ensemble manifest")
-    try:
-        return EnsembleManifest.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as exc:
-        first = str(exc).splitlines()
-        raise ArtifactError(f"{path}: invalid ensemble manifest: {' '.join(first[:3])}") from None
+    return _read_validated(path, EnsembleManifest, "ensemble manifest")
 
 
 def find_ensembles(repository: Path) -> list[Path]:
@@ -323,11 +331,7 @@ def load_manifest(directory: Path) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(f"{path}: no manifest.json")
-    try:
-        return Manifest.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as exc:
-        first = str(exc).splitlines()
-        raise ArtifactError(f"{path}: invalid manifest: {' '.join(first[:3])}") from None
+    return _read_validated(path, Manifest, "manifest")
 
 
 def verify_artifact(directory: Path, required: tuple[str, ...] = ("model.onnx",)) -> Manifest:

@@ -147,6 +147,15 @@ PRESETS: dict[str, RunConfig] = {
         ),
     ),
 }
+_QUICK_PIXEL_TRAIN = TrainConfig(
+    batch_size=32,
+    lr=2e-3,
+    max_steps=40,
+    warmup_steps=5,
+    checkpoint_every=10,
+    log_every=5,
+    validation_size=64,
+)
 PRESETS["fmnist-pixel-realnvp-quick"] = _pixel(
     "fmnist-pixel-quick",
     "tiny RealNVP for tests",
@@ -159,30 +168,14 @@ PRESETS["fmnist-pixel-realnvp-quick"] = _pixel(
         channel_couplings=1,
         final_couplings=2,
     ),
-    TrainConfig(
-        batch_size=32,
-        lr=2e-3,
-        max_steps=40,
-        warmup_steps=5,
-        checkpoint_every=10,
-        log_every=5,
-        validation_size=64,
-    ),
+    _QUICK_PIXEL_TRAIN,
     **_QUICK_DATA,
 )
 PRESETS["fmnist-pixel-glow-quick"] = _pixel(
     "fmnist-pixel-glow-quick",
     "tiny Glow for tests",
     PixelFlowConfig(architecture="glow", width=8, depth=1, num_scales=2, steps_per_level=2),
-    TrainConfig(
-        batch_size=32,
-        lr=2e-3,
-        max_steps=40,
-        warmup_steps=5,
-        checkpoint_every=10,
-        log_every=5,
-        validation_size=64,
-    ),
+    _QUICK_PIXEL_TRAIN,
     **_QUICK_DATA,
 )
 PRESETS["fmnist-embedding-quick"] = RunConfig(
