@@ -776,7 +776,7 @@ def score_batch(
 
 
 def add_score_batch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `oodflow score-batch` flags (training/cli.py holds the same lines; a test keeps them equal)."""
+    """The `oodflow score-batch` flags (oodflow/cli.py holds the same lines; a test keeps them equal)."""
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="image folders (recursive), image, .npz or .parquet files"
     )

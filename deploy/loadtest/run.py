@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         log = open(args.out / "service.log", "wb")  # noqa: SIM115 - closed after the service stops
         env = {**os.environ, "OODFLOW_LOG_LEVEL": "warning"}
-        command = [sys.executable, "-m", "training.cli", "serve", "--repository", str(args.repository)]
+        command = [sys.executable, "-m", "oodflow", "serve", "--repository", str(args.repository)]
         command += ["--host", "127.0.0.1", "--port", str(port)]
         service = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

@@ -284,13 +284,13 @@ def test_usage_errors(repository: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_cli_verb_has_the_same_flags() -> None:
-    """`oodflow score-batch` (training/cli.py) and `add_score_batch_arguments` must not drift."""
-    from training.cli import build_parser
+    """`oodflow score-batch` (oodflow/cli.py) and `add_score_batch_arguments` must not drift."""
+    from oodflow.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if "score-batch" not in sub.choices:
-        pytest.skip("training/cli.py has no score-batch verb yet")
+        pytest.skip("oodflow/cli.py has no score-batch verb yet")
     ours = add_score_batch_arguments(argparse.ArgumentParser())
 
     def flags(p: argparse.ArgumentParser) -> dict[str, tuple[Any, ...]]:

@@ -20,7 +20,7 @@ from models.artifact import ArtifactError, verify_artifact
 from models.config import PixelFlowConfig
 from models.flows import PixelFlow
 from models.scores import ood_score, p_value
-from training.cli import main
+from oodflow.cli import main
 from training.config import apply_overrides, load_run_config
 from training.data import load_dataset
 from training.export import ExportError, check_parity, export_onnx, export_torchscript
@@ -143,7 +143,7 @@ def test_resume_after_kill_minus_9_ends_where_an_uninterrupted_run_would(tmp_pat
     cmd = [
         sys.executable,
         "-m",
-        "training.cli",
+        "oodflow",
         "train",
         "fmnist-pixel-realnvp-quick",
         "--run-dir",

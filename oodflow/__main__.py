@@ -1,0 +1,5 @@
+"""`python -m oodflow ...`, the same as the `oodflow` console script."""
+
+from oodflow.cli import main
+
+raise SystemExit(main())
