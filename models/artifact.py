@@ -93,6 +93,11 @@ class ComplexitySpec(_Schema):
     compressor: Literal["png"] = "png"
     compress_level: int = Field(9, ge=0, le=9)
     units: Literal["bits/dim"] = "bits/dim"
+    canary: dict[str, Any] | None = Field(
+        None,
+        description="models.scores.complexity_canary() at calibration: PNG lengths of fixed images and the "
+        "Pillow/zlib versions; a server whose encoder gives other lengths refuses the model",
+    )
 
 
 class BackgroundSpec(_Schema):

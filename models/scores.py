@@ -32,6 +32,8 @@ __all__ = [
     "OodStatistic",
     "bits_per_dim",
     "combine_p_values",
+    "complexity_canary",
+    "complexity_canary_mismatch",
     "combined_verdict",
     "discrete_log_likelihood",
     "leave_one_out_p_values",
@@ -180,3 +182,57 @@ def png_bits_per_dim(images: np.ndarray) -> np.ndarray:
         )
         out[i] = 8.0 * buffer.getbuffer().nbytes / (c * h * w)
     return out
+
+
+# --------------------------------------------------------------------------- compressor canary
+
+# Input complexity depends on the PNG encoder's output length, which comes from the zlib that
+# Pillow was built with, outside the exported graph: a container with another zlib (zlib-ng in
+# newer Pillow wheels, for one) shifts every score and threshold silently. The canary is the
+# compressed length of a few fixed images, recorded at calibration and compared before serving.
+
+
+def _canary_images() -> list[np.ndarray]:
+    """Fixed `(1, C, H, W)` uint8 images from integer arithmetic only (no RNG whose stream could
+    change): a smooth gradient, a hard-edged pattern, a busy texture and a colour image."""
+    i, j = np.meshgrid(np.arange(28, dtype=np.int64), np.arange(28, dtype=np.int64), indexing="ij")
+    gradient = (i * 9 + j * 3) % 256
+    pattern = np.where(((i // 4) + (j // 7)) % 2 == 0, 230, 20)
+    texture = (i * 37 + j * 101 + (i * j) % 13 * 17) % 256
+    colour = np.stack([gradient, texture, (255 - gradient)])
+    return [
+        np.asarray(x, dtype=np.uint8).reshape(1, -1, 28, 28) for x in (gradient, pattern, texture, colour)
+    ]
+
+
+def complexity_canary() -> dict[str, object]:
+    """`{"png_bytes": [...], "compress_level": 9, "pillow": ..., "zlib": ...}` on this machine.
+
+    `png_bytes` is what `png_bits_per_dim` measures on the canary images, in bytes; the versions
+    are informative only: two machines agree when the lengths agree."""
+    import PIL
+    from PIL import features
+
+    lengths = [round(float(png_bits_per_dim(image)[0]) * image[0].size / 8.0) for image in _canary_images()]
+    return {
+        "png_bytes": lengths,
+        "compress_level": PNG_COMPRESS_LEVEL,
+        "pillow": PIL.__version__,
+        "zlib": features.version("zlib") or "unknown",
+    }
+
+
+def complexity_canary_mismatch(recorded: dict[str, object] | None) -> str | None:
+    """None when this machine's PNG encoder gives the recorded canary lengths, else the reason
+    (one line, naming both library versions). A manifest without a canary is not checked."""
+    if not recorded:
+        return None
+    here = complexity_canary()
+    if list(recorded.get("png_bytes", [])) == here["png_bytes"]:  # type: ignore[call-overload]
+        return None
+    return (
+        "input-complexity compressor differs from the one the model was calibrated with: canary PNG "
+        f"lengths {here['png_bytes']} bytes here (Pillow {here['pillow']}, zlib {here['zlib']}) vs "
+        f"{recorded.get('png_bytes')} recorded (Pillow {recorded.get('pillow')}, zlib {recorded.get('zlib')}); "
+        "scores and threshold would shift: serve it with the recorded libraries or recalibrate"
+    )

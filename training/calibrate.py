@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.flows import PixelFlow
-from models.scores import PNG_COMPRESS_LEVEL, OodStatistic, bits_per_dim
+from models.scores import PNG_COMPRESS_LEVEL, OodStatistic, bits_per_dim, complexity_canary
 from training.background import background_config, has_background, load_background, train_background
 from training.runs import Run, Splits, load_splits, resolve_device
 from training.statistics import StatisticInputs, save_split_scores, score_statistic, statistic_inputs
@@ -86,7 +86,11 @@ def calibrate(
         "validation_size": len(inputs.log_likelihood),
     }
     if statistic == "complexity":
-        payload["complexity"] = {"compressor": "png", "compress_level": PNG_COMPRESS_LEVEL}
+        payload["complexity"] = {
+            "compressor": "png",
+            "compress_level": PNG_COMPRESS_LEVEL,
+            "canary": complexity_canary(),
+        }
     if statistic == "likelihood_ratio":
         bg_config = background_config(run.config)
         payload["background"] = {
