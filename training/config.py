@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.config import EmbeddingFlowConfig, ModelConfig, PixelFlowConfig
 
 __all__ = [
+    "HELD_OUT",
     "PRESETS",
     "BackgroundConfig",
     "CalibrationConfig",
@@ -28,9 +29,17 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# `test_set = "held-out"` (TOML has no null) or None: the test split is carved out of the
+# in-distribution data, disjoint from train, validation and calibration (training.runs.load_splits).
+HELD_OUT = "held-out"
+
+
 class DataConfig(_Config):
     in_distribution: str = "fashion-mnist:train"
-    test_set: str = "fashion-mnist:test"
+    test_set: str | None = Field(
+        "fashion-mnist:test",
+        description=f"a dataset spec, or '{HELD_OUT}' / null: hold a test split out of in_distribution",
+    )
     ood_sets: list[str] = Field(default_factory=lambda: ["mnist"])
     train_limit: int | None = Field(None, ge=1, description="seeded random sample of the training split")
     calibration_size: int | float = Field(
@@ -39,6 +48,13 @@ class DataConfig(_Config):
     test_limit: int | None = Field(None, ge=1)
     ood_limit: int | None = Field(None, ge=1)
     seed: int = 0
+
+    @field_validator("test_set", mode="before")
+    @classmethod
+    def _held_out(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in (HELD_OUT, "none", "null", ""):
+            return None
+        return value
 
 
 class TrainConfig(_Config):
@@ -76,7 +92,8 @@ class BackgroundConfig(_Config):
 
 
 class CalibrationConfig(_Config):
-    statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio"] = "nll"
+    # "auto": chosen on validation data and OOD proxies only (training.selection, engineer B2)
+    statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio", "auto"] = "nll"
     target_fpr: float = Field(0.05, gt=0, lt=1)
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
 

@@ -7,8 +7,10 @@
       checkpoints/last.pt  model, optimiser, step and RNG states (resume)
       model.safetensors    the trained (selected) weights
       train_summary.json   steps, time, final losses
+      splits.json          sizes of the in-distribution splits and the training fingerprint
       features/*.npy       embedding runs: cached backbone features per split
       calibration.json     threshold and reference scores
+      scores/*.npz         per-image scores per split (calibration, combination, test, ood-*)
       report/              metrics.json, report.md, PNG figures
 """
 
@@ -27,7 +29,7 @@ from models.flows import EmbeddingFlow, PixelFlow, build_model
 from training.config import RunConfig
 from training.data import ImageSet, load_dataset, split_train_calibration
 
-__all__ = ["Run", "Splits", "load_splits", "resolve_device"]
+__all__ = ["Run", "Splits", "load_splits", "resolve_device", "splits_record"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -43,7 +45,13 @@ def resolve_device(device: str) -> torch.device:
 @dataclass
 class Splits:
     """In-distribution train / validation (held out of train, for model selection) /
-    calibration (held out, for the threshold) / test, and the OOD sets."""
+    calibration (held out, for each model's threshold) / combination (held out, for the
+    ensemble's own threshold) / test, and the OOD sets.
+
+    The held-out calibration images are cut in two halves by a seeded permutation: each model
+    calibrates on `calibration`, the ensemble of models on `combination`, so the combined
+    verdict's threshold is set on images that gave none of its members' reference scores.
+    """
 
     train: ImageSet
     validation: ImageSet
@@ -51,20 +59,30 @@ class Splits:
     test: ImageSet | None = None
     ood: dict[str, ImageSet] = field(default_factory=dict)
     fingerprint: str = ""
+    combination: ImageSet | None = None
 
 
 def load_splits(config: RunConfig, *, with_eval_sets: bool = True) -> Splits:
+    """The splits of `config.data`, every image conformed to the model's input shape.
+
+    Deterministic in `data.seed`: `calibration_size` images are held out (then halved into
+    calibration and combination); with no test set, as many again are held out as the test
+    split; validation is `train.validation_size` (at most a fifth) of the rest.
+    """
     data, shape = config.data, config.model.input_shape
     full = load_dataset(data.in_distribution, shape=shape)
-    fit_idx, calib_idx = split_train_calibration(len(full), data.calibration_size, data.seed)
+    fit_idx, held_idx = split_train_calibration(len(full), data.calibration_size, data.seed)
     rng = np.random.default_rng(data.seed + 1)
     fit_idx = rng.permutation(fit_idx)
     if data.test_set is None:
-        test_idx, fit_idx = fit_idx[: len(calib_idx)], fit_idx[len(calib_idx) :]
+        test_idx, fit_idx = fit_idx[: len(held_idx)], fit_idx[len(held_idx) :]
     n_val = min(config.train.validation_size, len(fit_idx) // 5)
     val_idx, train_idx = fit_idx[:n_val], fit_idx[n_val:]
     if data.train_limit is not None:
         train_idx = train_idx[: data.train_limit]  # already a seeded random permutation
+    halves = np.random.default_rng(data.seed + 2).permutation(held_idx)
+    n_calib = (len(halves) + 1) // 2
+    calib_idx, comb_idx = np.sort(halves[:n_calib]), np.sort(halves[n_calib:])
     train = full.subset(np.sort(train_idx))
     splits = Splits(
         train=train,
@@ -72,6 +90,7 @@ def load_splits(config: RunConfig, *, with_eval_sets: bool = True) -> Splits:
         calibration=full.subset(calib_idx),
         test=full.subset(np.sort(test_idx)) if data.test_set is None else None,
         fingerprint=train.fingerprint(),
+        combination=full.subset(comb_idx) if len(comb_idx) else None,
     )
     if with_eval_sets:
         if data.test_set is not None:
@@ -79,6 +98,18 @@ def load_splits(config: RunConfig, *, with_eval_sets: bool = True) -> Splits:
         for name in data.ood_sets:
             splits.ood[name] = load_dataset(name, shape=shape, limit=data.ood_limit, seed=data.seed)
     return splits
+
+
+def splits_record(splits: Splits) -> dict[str, Any]:
+    """What `splits.json` (and the manifest's `training.splits`) says about the splits."""
+    return {
+        "train_fingerprint": splits.fingerprint,
+        "train_size": len(splits.train),
+        "validation_size": len(splits.validation),
+        "calibration_size": len(splits.calibration),
+        "combination_size": 0 if splits.combination is None else len(splits.combination),
+        "test_size": None if splits.test is None else len(splits.test),
+    }
 
 
 class Run:

@@ -3,6 +3,11 @@ exported graphs instead; export parity ties the two together)."""
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,30 @@ from tqdm import tqdm
 from models.flows import EmbeddingFlow, PixelFlow
 from training.data import ImageSet
 
-__all__ = ["cached_features", "log_likelihoods"]
+__all__ = ["cache_file_tag", "cached_features", "inner_progress", "log_likelihoods"]
+
+# Off inside `oodflow build`, which draws one progress display for the whole build.
+_INNER_BARS: ContextVar[bool] = ContextVar("oodflow_inner_bars", default=True)
+
+
+@contextmanager
+def inner_progress(enabled: bool) -> Iterator[None]:
+    """Allow (True) or silence (False) the per-split feature-extraction bars in this context."""
+    token = _INNER_BARS.set(enabled)
+    try:
+        yield
+    finally:
+        _INNER_BARS.reset(token)
+
+
+def cache_file_tag(key: str) -> str:
+    """A file-name-safe tag for a split key that may be a dataset spec (`ood-folder:/a/b`,
+    `ood-npz:C:\\x.npz`): unsafe characters become `_`, plus a short hash of the key so two
+    specs that differ only in those characters never share a cache file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:60] or "split"
+    if safe == key:
+        return key
+    return f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 @torch.inference_mode()
@@ -26,7 +54,7 @@ def _batched(
         desc=desc,
         unit="batch",
         leave=False,
-        disable=True if desc is None or len(starts) < 4 else None,
+        disable=True if desc is None or len(starts) < 4 or not _INNER_BARS.get() else None,
     )  # None: only on a terminal
     for start in bar:
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
@@ -42,7 +70,7 @@ def cached_features(
     path = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tag = f"{key}-{dataset.fingerprint()[:16]}-r{model.config.resolution}"
+        tag = f"{cache_file_tag(key)}-{dataset.fingerprint()[:16]}-r{model.config.resolution}"
         path = cache_dir / f"{tag}.npy"
         if path.is_file():
             return np.load(path)
