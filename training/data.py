@@ -31,7 +31,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-from PIL import Image
+
+from models import images as images_lib
 
 __all__ = [
     "DATASETS",
@@ -87,9 +88,8 @@ PHOTO_NAMES: tuple[str, ...] = (
     "text",
 )
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-)
+# The one extension list (models.images), shared with the service and batch scoring.
+IMAGE_EXTENSIONS: frozenset[str] = images_lib.IMAGE_EXTENSIONS
 
 DATASETS: Mapping[str, str] = MappingProxyType(
     {
@@ -255,71 +255,34 @@ def _check_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
-def _luma(rgb: np.ndarray, axis: int) -> np.ndarray:
-    """ITU-R 601-2 luma of uint8 RGB along `axis`, bit-exact with PIL's `convert("L")`."""
-    r, g, b = (np.take(rgb, i, axis=axis).astype(np.uint32) for i in range(3))
-    # PIL's fixed-point form of L = 0.299 R + 0.587 G + 0.114 B, rounded.
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
-
-
-def _resize_hw(plane: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`(H, W)` or `(H, W, 3)` uint8 -> `(height, width[, 3])` with PIL bilinear (antialiased)."""
-    return np.asarray(Image.fromarray(plane).resize((width, height), Image.Resampling.BILINEAR))
-
-
 def conform_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """`images: (N, C, H, W) uint8`, C 1 or 3 -> `(N, *shape)` uint8.
 
     RGB -> L by ITU-R 601-2 luma (as PIL's `convert("L")`), L -> RGB by replication, then PIL bilinear
-    resize to (H, W) without keeping the aspect ratio. A no-op (the same array) when shapes agree.
+    resize to (H, W) without keeping the aspect ratio (`models.images.conform`, the pipeline the
+    service and batch scoring use). A no-op (the same array) when shapes agree.
     """
-    c_out, h_out, w_out = _check_shape(shape)
-    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] not in (1, 3):
-        raise DatasetError(
-            f"expected (N, C, H, W) uint8 images with C 1 or 3, got {images.dtype} {images.shape}"
-        )
-    x = images
-    if x.shape[1] == 3 and c_out == 1:
-        x = _luma(x, axis=1)[:, None]  # fewer channels first: resize one plane, not three
-    if x.shape[2:] != (h_out, w_out):
-        if x.shape[1] == 1:
-            x = np.stack([_resize_hw(img[0], h_out, w_out) for img in x])[:, None]
-        else:
-            x = np.stack([_resize_hw(img.transpose(1, 2, 0), h_out, w_out) for img in x]).transpose(
-                0, 3, 1, 2
-            )
-    if x.shape[1] == 1 and c_out == 3:
-        x = np.repeat(x, 3, axis=1)
-    return np.ascontiguousarray(x)
+    shape = _check_shape(shape)
+    try:
+        return images_lib.conform(images, shape)
+    except images_lib.ImageError as error:
+        raise DatasetError(str(error)) from None
 
 
 def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     """Integer-valued arrays in 0..255 of any numeric dtype -> uint8; anything else is an error."""
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == bool or not (
-        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-    ):
-        raise DatasetError(f"{what}: dtype {array.dtype} is not an image type, expected uint8 values 0..255")
-    if array.size:
-        low, high = array.min(), array.max()
-        integral = np.issubdtype(array.dtype, np.integer) or bool(np.all(np.floor(array) == array))
-        if not (np.isfinite(low) and np.isfinite(high) and low >= 0 and high <= 255 and integral):
-            raise DatasetError(
-                f"{what}: non-uint8 values out of 0..255 (dtype {array.dtype}, min {low}, max {high}"
-                f"{'' if integral else ', not all integers'}): scale images to uint8 0..255 first"
-            )
-    return array.astype(np.uint8)
+    try:
+        return images_lib.to_uint8(array)
+    except images_lib.ImageError as error:
+        raise DatasetError(f"{what}: {error}") from None
 
 
 def _hwc_to_plane(pixels: np.ndarray) -> np.ndarray:
     """`(H, W)` or `(H, W, C)` uint8, C in 1..4 -> `(C', H, W)` with C' 1 or 3 (alpha dropped)."""
-    if pixels.ndim == 2:
-        return pixels[None]
-    channels = pixels.shape[2]
-    if channels in (1, 2):  # L or LA
-        return pixels[None, :, :, 0]
-    return pixels[:, :, :3].transpose(2, 0, 1)  # RGB or RGBA
+    try:
+        return images_lib.hwc_to_chw(pixels)
+    except images_lib.ImageError as error:
+        raise DatasetError(str(error)) from None
 
 
 def _stack(
@@ -525,29 +488,13 @@ def _load_photos(shape: tuple[int, int, int] | None, limit: int | None, seed: in
 
 
 def _read_image_file(path: Path) -> np.ndarray:
-    """One image file -> `(C, H, W)` uint8, C 1 or 3 (first frame; alpha dropped; 16-bit scaled)."""
+    """One image file -> `(C, H, W)` uint8, C 1 or 3, by `models.images.read_image` (the service's
+    and batch scoring's decoder: first frame, one mode policy for every PIL mode)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                # PIL's convert("L") clips 16-bit values at 255; keep the high byte instead.
-                wide = np.asarray(image).astype(np.int64)
-                top = 65535 if wide.max(initial=0) > 255 else 255
-                return (wide.clip(0, top) * 255 // top).astype(np.uint8)[None]
-            if mode in ("1", "L", "LA", "P") and not (mode == "P" and _palette_is_colour(image)):
-                return np.asarray(image.convert("L"))[None]
-            return np.asarray(image.convert("RGB")).transpose(2, 0, 1).copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DatasetError(f"unreadable image file {path}: {error}") from error
-
-
-def _palette_is_colour(image: Image.Image) -> bool:
-    palette = image.getpalette()
-    if not palette:
-        return False
-    rgb = np.asarray(palette, dtype=np.int64).reshape(-1, 3)
-    return bool(np.any(rgb[:, 0] != rgb[:, 1]) or np.any(rgb[:, 1] != rgb[:, 2]))
+        return images_lib.read_image(path)
+    except (OSError, images_lib.ImageError) as error:
+        reason = error.strerror or error if isinstance(error, OSError) else error
+        raise DatasetError(f"unreadable image file {path}: {reason}") from error
 
 
 def _load_image_folder(
@@ -588,22 +535,10 @@ def _load_image_folder(
 
 def _npz_layout(array: np.ndarray, path: Path) -> np.ndarray:
     """`(N, H, W)`, `(N, H, W, C)` or `(N, C, H, W)` with C in 1..4 -> `(N, C', H, W)`, C' 1 or 3."""
-    if array.ndim == 3:
-        return array[:, None]
-    if array.ndim != 4:
-        raise DatasetError(
-            f"{path}: images array has ndim {array.ndim} (shape {array.shape}), "
-            "expected (N, H, W), (N, H, W, C) or (N, C, H, W)"
-        )
-    first, last = array.shape[1], array.shape[3]
-    channels_last = last in (1, 2, 3, 4) and (first not in (1, 2, 3, 4) or last <= first)
-    if not channels_last and first not in (1, 2, 3, 4):
-        raise DatasetError(f"{path}: images shape {array.shape} has no channel axis of size 1, 3 or 4")
-    nchw = array.transpose(0, 3, 1, 2) if channels_last else array
-    channels = nchw.shape[1]
-    if channels in (1, 2):  # L or LA: drop alpha
-        return nchw[:, :1]
-    return nchw[:, :3]  # RGB or RGBA: drop alpha
+    try:
+        return images_lib.npz_layout(array)
+    except images_lib.ImageError as error:
+        raise DatasetError(f"{path}: {error}") from None
 
 
 def _load_npz(path: Path, name: str) -> ImageSet:
