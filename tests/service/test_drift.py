@@ -1,0 +1,235 @@
+"""Drift detection (service/core/drift.py): known answers, size and power of the batch test, the
+online detector's run length to a false alarm and its delay; then over real HTTP with the real
+tiny models (tests/service/conftest.py)."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from service.core.drift import (
+    BATCH_METHOD,
+    OnlineDriftDetector,
+    batch_drift_test,
+    beta_binomial_sf,
+    beta_quantile,
+    cusum_arl,
+    design_cusum,
+    tail_levels,
+    wilson_interval,
+)
+
+# ---------------------------------------------------------------------------------------------
+# known answers
+
+
+def test_beta_binomial_sf_known_answers() -> None:
+    # BetaBinomial(m, 1, 1) is uniform on 0..m.
+    for x in range(0, 12):
+        assert beta_binomial_sf(x, 10, 1, 1) == pytest.approx(max(0, 11 - x) / 11, abs=1e-12)
+    # Against the direct sum of the pmf, in the tails and the bulk.
+    for x, m, a, b in [(4, 64, 50, 4951), (10, 1000, 20, 1981), (3, 7, 2.5, 3.0), (30, 100, 2, 199)]:
+        lb = lambda p, q: math.lgamma(p) + math.lgamma(q) - math.lgamma(p + q)  # noqa: E731
+        direct = sum(
+            math.exp(
+                math.lgamma(m + 1)
+                - math.lgamma(j + 1)
+                - math.lgamma(m - j + 1)
+                + lb(j + a, m - j + b)
+                - lb(a, b)
+            )
+            for j in range(x, m + 1)
+        )
+        assert beta_binomial_sf(x, m, a, b) == pytest.approx(direct, rel=1e-9)
+
+
+def test_beta_quantile_and_wilson_known_answers() -> None:
+    # Beta(1, n): P(X <= x) = 1 - (1 - x)^n.
+    for level in (0.1, 0.5, 0.9):
+        assert beta_quantile(level, 1, 200) == pytest.approx(1 - (1 - level) ** (1 / 200), rel=1e-9)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(1.959963984540054**2 / (10 + 1.959963984540054**2))
+    low, high = wilson_interval(50, 100)
+    assert (low + high) / 2 == pytest.approx(0.5) and high - low == pytest.approx(0.1924, abs=1e-3)
+    assert tail_levels(200, 0.01) == (2, 2 / 201)
+    assert tail_levels(None, 0.01) == (None, 0.01)
+
+
+def test_cusum_arl_known_answers() -> None:
+    # Threshold at one exceedance: the run length is geometric, mean 1/q.
+    assert cusum_arl(5, 5, 0.02) == pytest.approx(50.0)
+    # Weight 1, threshold 2: from 0 an exceedance goes to 1; from 1 another alarms, a miss returns
+    # to 0. a0 = 1 + q a1 + (1-q) a0, a1 = 1 + (1-q) a0  ->  a0 = (1 + q) / q^2.
+    assert cusum_arl(1, 2, 0.1) == pytest.approx(1.1 / 0.01)
+
+
+def test_design_meets_the_requested_run_length() -> None:
+    for n in (None, 200, 5000):
+        design = design_cusum(10_000, reference_size=n)
+        assert design.run_length_at_design >= 10_000
+        # The smallest such threshold: one unit less falls short.
+        assert 0.5 * cusum_arl(design.weight, design.threshold - 1, design.design_rate) < 10_000
+        assert design.run_length_at_alpha >= design.run_length_at_design
+    assert design_cusum(10_000, reference_size=5000).design_rate > 50 / 5001  # the assurance quantile
+
+
+# ---------------------------------------------------------------------------------------------
+# batch test: size and power on synthetic scores
+
+
+def _rejections(
+    rng: np.random.Generator, n: int, m: int, reps: int, shift=None, level: float = 0.05
+) -> float:
+    hits = 0
+    for _ in range(reps):
+        reference = np.sort(rng.standard_normal(n))
+        batch = rng.standard_normal(m)
+        if shift is not None:
+            batch = shift(rng, batch)
+        hits += batch_drift_test(batch, reference).p_value <= level
+    return hits / reps
+
+
+@pytest.mark.parametrize(("n", "m"), [(200, 2), (200, 50), (2000, 10), (2000, 200), (500, 500)])
+def test_batch_test_size(n: int, m: int) -> None:
+    """In-distribution batches (fresh reference each time): rejected at most 5 % of the time."""
+    reps = 1500
+    rate = _rejections(np.random.default_rng(n * 1000 + m), n, m, reps)
+    assert rate <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / reps), rate
+
+
+def test_batch_test_power() -> None:
+    rng = np.random.default_rng(3)
+
+    def far_upper(r: np.random.Generator, b: np.ndarray) -> np.ndarray:  # 5 % far-OOD, high scores
+        b[:5] = 10.0 + r.random(5)
+        return b
+
+    def far_lower(r: np.random.Generator, b: np.ndarray) -> np.ndarray:  # 5 % "too likely" images
+        b[:5] = -10.0 - r.random(5)
+        return b
+
+    assert _rejections(rng, 2000, 100, 200, far_upper) >= 0.9
+    assert _rejections(rng, 2000, 100, 200, far_lower) >= 0.9
+    # A slight shift of the whole batch (0.4 standard deviations), either way.
+    assert _rejections(rng, 2000, 100, 200, lambda r, b: b + 0.4) >= 0.9
+    assert _rejections(rng, 2000, 100, 200, lambda r, b: b - 0.4) >= 0.9
+
+
+def test_batch_test_answer() -> None:
+    rng = np.random.default_rng(0)
+    reference = np.sort(rng.standard_normal(1000))
+    batch = np.concatenate([rng.standard_normal(95), np.full(5, 9.0)])
+    flags = batch > np.quantile(reference, 0.95)
+    result = batch_drift_test(batch, reference, is_ood=flags)
+    assert result.method == BATCH_METHOD and result.images == 100 and result.reference_size == 1000
+    names = [c.name for c in result.components]
+    assert names == ["upper_tail", "lower_tail", "rank_sum"]
+    assert result.p_value == pytest.approx(min(1.0, 3 * result.statistic))
+    assert result.components[0].statistic >= 5 and result.p_value < 1e-3
+    assert result.ood_images == int(flags.sum())
+    low, high = result.ood_rate_interval
+    assert low < result.ood_rate < high
+    body = result.to_dict()
+    assert body["components"][0]["name"] == "upper_tail" and body["confidence"] == 0.95
+
+
+def test_batch_test_refuses_bad_input() -> None:
+    reference = np.arange(10.0)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        batch_drift_test(np.array([1.0]), reference)
+    with pytest.raises(ValueError, match="finite"):
+        batch_drift_test(np.array([1.0, np.nan]), reference)
+    with pytest.raises(ValueError, match="ascending"):
+        batch_drift_test(np.array([1.0, 2.0]), reference[::-1])
+    with pytest.raises(ValueError, match="is_ood"):
+        batch_drift_test(np.array([1.0, 2.0]), reference, is_ood=np.array([True]))
+
+
+# ---------------------------------------------------------------------------------------------
+# online detector on synthetic p-values
+
+
+def _served_p(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> np.ndarray:
+    """In-distribution p-values as served against a reference of n: uniform on {1..n+1}/(n+1)."""
+    return (1.0 + rng.integers(0, n + 1, size=shape)) / (n + 1)
+
+
+def test_online_false_alarm_run_length() -> None:
+    """Mean run length on in-distribution streams: at least the configured value, within error."""
+    n, configured, streams = 1000, 2000, 300
+    detector = OnlineDriftDetector(configured, reference_size=n, assurance=0.5)
+    rng = np.random.default_rng(5)
+    lengths = detector.run_lengths(_served_p(rng, n, (streams, 2000)) for _ in range(40))
+    assert np.all(lengths > 0)
+    mean, se = lengths.mean(), lengths.std() / math.sqrt(streams)
+    exact = detector.design.run_length_at_alpha
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+    assert mean >= configured - 3 * se
+
+
+def test_online_detection_delay() -> None:
+    n = 1000
+    detector = OnlineDriftDetector(10_000, reference_size=n)
+    d = detector.design
+    # All far-OOD (smallest p-value): alarm after exactly ceil(h / r) images.
+    far = np.full((1, 100), 1.0 / (n + 1))
+    assert detector.run_lengths([far])[0] == math.ceil(d.threshold / d.weight)
+    # 20 % and 5 % contamination: every stream alarms, the lighter one later.
+    rng = np.random.default_rng(9)
+    delays = {}
+    for fraction in (0.2, 0.05):
+        p = _served_p(rng, n, (200, 4000))
+        p[rng.random(p.shape) < fraction] = 1.0 / (n + 1)
+        lengths = detector.run_lengths([p])
+        assert np.all(lengths > 0), fraction
+        delays[fraction] = float(np.mean(lengths))
+    assert delays[0.2] < delays[0.05] < 4000
+    # "Too likely" images (p-value 1) alarm on the lower tail.
+    detector.update(np.ones(200))
+    state = detector.state()
+    assert state["alarm"] and state["alarm_tail"] == "lower"
+
+
+def test_update_matches_the_vectorised_simulation() -> None:
+    rng = np.random.default_rng(2)
+    n = 500
+    p = _served_p(rng, n, (1, 6000))
+    p[0, 3000:][rng.random(3000) < 0.1] = 1.0 / (n + 1)
+    detector = OnlineDriftDetector(5_000, reference_size=n)
+    expected = int(detector.run_lengths([p])[0])
+    assert expected > 0
+    for chunk in np.array_split(p[0], 37):  # in uneven request-sized pieces
+        detector.update(chunk)
+    state = detector.state()
+    assert state["alarm"] and state["alarm_at_image"] == expected and state["images"] == 6000
+
+
+def test_online_state_window_reset_and_threads() -> None:
+    n = 999
+    detector = OnlineDriftDetector(10_000, reference_size=n, window=100)
+    flags = np.zeros(250, dtype=bool)
+    flags[-10:] = True
+    detector.update(np.full(250, 0.5), is_ood=flags)
+    state = detector.state()
+    assert state["window_images"] == 100 and state["window_ood_rate"] == pytest.approx(0.1)
+    assert not state["alarm"] and state["statistic"] == 0.0 and state["threshold"] > 0
+    detector.reset()
+    assert detector.state()["images"] == 0 and detector.state()["window_ood_rate"] is None
+
+    def feed() -> None:
+        for _ in range(50):
+            detector.update(np.full(7, 0.5), is_ood=np.ones(7, dtype=bool))
+
+    threads = [threading.Thread(target=feed) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    state = detector.state()
+    assert state["images"] == 8 * 50 * 7 and state["window_ood_rate"] == 1.0
+    with pytest.raises(ValueError, match="is_ood"):
+        detector.update(np.full(3, 0.5), is_ood=np.ones(2, dtype=bool))
