@@ -195,6 +195,58 @@ def _cmd_score_batch(args: argparse.Namespace) -> int:
     return main_score_batch(args)
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from training.benchmark import run_benchmark
+    from training.benchmark.report import write_report
+
+    words = [args.target]
+    for flag in ("far", "near", "symmetries"):
+        words += [f"--{flag} {v}" for v in getattr(args, flag) or []]
+    for flag in ("test", "output", "limit"):
+        if getattr(args, flag) is not None:
+            words.append(f"--{flag} {getattr(args, flag)}")
+    words += [f"--seed {args.seed}", f"--resamples {args.resamples}"]
+    command = "oodflow benchmark " + " ".join(words)
+    result = run_benchmark(
+        args.target,
+        _repository(args.repository),
+        far=args.far,
+        near=args.near,
+        symmetries=args.symmetries,
+        test=args.test,
+        limit=args.limit,
+        seed=args.seed,
+        resamples=args.resamples,
+        device=args.device,
+        progress=not args.no_progress,
+        command=command,
+    )
+    output = Path(args.output) if args.output else Path("benchmark") / result["benchmark"]
+    path = write_report(result, output)
+    rows = {(r["set"], r["score"]): r for r in result["results"]}
+    headline = result["headline"]
+    print(f"{result['benchmark']}: AUROC of {headline} (95% bootstrap interval), OOD positive")
+    for s in result["sets"]:
+        if s["family"] == "symmetry":
+            checks = [
+                c for c in result["symmetry_checks"] if c["set"] == s["name"] and c["score"] == headline
+            ]
+            for c in checks:
+                if "flagged_fraction" in c:
+                    print(
+                        f"  symmetry {s['name']:>14s}: {c['flagged_fraction']:.1%} flagged "
+                        f"({c['flagged_ci'][0]:.1%}-{c['flagged_ci'][1]:.1%}), target {c['target_fpr']:.0%}"
+                    )
+            continue
+        r = rows[(s["name"], headline)]
+        print(
+            f"  {s['family']:>4s} {s['name']:>18s}: {r['auroc']:.4f} ({r['auroc_ci'][0]:.4f}-{r['auroc_ci'][1]:.4f})"
+            f"  FPR@95TPR {r['fpr_at_95_tpr']:.4f}  n={s['size']}"
+        )
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oodflow", description="OOD scoring with normalizing flows")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,6 +331,57 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     p.set_defaults(func=_cmd_score_batch)
+
+    p = sub.add_parser(
+        "benchmark",
+        help="near-OOD (transforms of the test split) and far-OOD table for a model or ensemble",
+        description="OpenOOD-style table (AUROC, AUPR-In, AUPR-Out, FPR@95%%TPR with bootstrap intervals; "
+        "OOD positive) per OOD set and per score, through the exported graphs. Writes "
+        "<output>/benchmark.md, benchmark.json and figures/benchmark/*.png.",
+    )
+    p.add_argument(
+        "target",
+        help="a model name, an ensemble name (<repository>/_ensembles/<name>.json), "
+        "model:<name> / ensemble:<name>, or an artifact version folder",
+    )
+    p.add_argument(
+        "--repository", help="model repository (default: $OODFLOW_MODEL_REPOSITORY or ./model-repository)"
+    )
+    p.add_argument(
+        "--far",
+        action="append",
+        metavar="SPEC",
+        help="far-OOD set: a dataset spec, noise or constant (repeatable; default: every built-in "
+        "source outside the in-distribution data's family)",
+    )
+    p.add_argument(
+        "--near",
+        action="append",
+        metavar="TRANSFORM",
+        help="near-OOD transform of the test split: vflip, hflip, rot90, rot180, rot270, transpose, "
+        "invert, jigsaw (repeatable or comma-separated; default: all but the symmetries)",
+    )
+    p.add_argument(
+        "--symmetries",
+        action="append",
+        metavar="TRANSFORM",
+        help="transforms that are symmetries of the data, reported as a false-positive check "
+        "(default: hflip for Fashion-MNIST, none otherwise; 'none' for none)",
+    )
+    p.add_argument(
+        "--test", metavar="SPEC", help="in-distribution test set (default: the one in the manifest)"
+    )
+    p.add_argument(
+        "--output", help="report folder (default benchmark/<name>; `--output docs` writes docs/benchmark.md)"
+    )
+    p.add_argument("--limit", type=int, help="at most N images per set (seeded sample)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds samples, synthetic images, jigsaw and the bootstrap"
+    )
+    p.add_argument("--resamples", type=int, default=500, help="bootstrap resamples (default 500)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_benchmark)
 
     from service.cli import add_serve_arguments
 
