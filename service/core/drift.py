@@ -40,12 +40,18 @@ alpha itself; the ARL is steep in q. The threshold is therefore computed at the 
 quantile of that Beta law: with probability >= 90% over the calibration draw, the expected run
 length to a false alarm is at least the configured value. Memory is O(window) (the windowed OOD
 rate), updates are serialised by a lock.
+
+**Monitor** (`DriftMonitor`): one online detector per served model and per ensemble, each bound to
+the loaded object it watches (a `LoadedModel`, a `ServedEnsemble`): when that object is replaced
+(a model reloaded, an ensemble re-resolved) the next look-up starts a fresh detector, so a reload
+resets the drift state without any hook in the loading code.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -64,6 +70,7 @@ __all__ = [
     "BatchDrift",
     "CusumDesign",
     "DriftComponent",
+    "DriftMonitor",
     "OnlineDriftDetector",
     "batch_drift_test",
     "beta_binomial_sf",
@@ -284,8 +291,7 @@ def batch_drift_test(
     scores: `(m,)` ood_score (or an ensemble's combined score), m >= 2, finite.
     reference_sorted: `(n,)` the calibration reference scores, ascending (the served p-values'
         reference).
-    is_ood: `(m,)` the verdicts, for the OOD rate; default: p-value <= 5 % is not assumed, the
-        rate is then of `upper_tail` images (p <= alpha).
+    is_ood: `(m,)` the verdicts, for the OOD rate; default: the `upper_tail` images (p <= alpha).
     """
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     ref = np.asarray(reference_sorted, dtype=np.float64).reshape(-1)
@@ -593,3 +599,85 @@ class OnlineDriftDetector:
             if np.all(first > 0):
                 break
         return first
+
+
+class DriftMonitor:
+    """Online detectors keyed by `(kind, name)`, kind `model` or `ensemble` (thread-safe).
+
+    `watch(kind, name, source, reference_size)` returns the detector for `source` (the loaded model
+    or ensemble object), creating a fresh one when there is none or `source` is a different object
+    than the one it was made for (a reload). Detectors share the monitor's configuration.
+    """
+
+    def __init__(
+        self,
+        expected_run_length: float = DEFAULT_RUN_LENGTH,
+        *,
+        window: int = DEFAULT_WINDOW,
+        alpha: float = DEFAULT_ALPHA,
+        alpha1: float = DEFAULT_ALPHA1,
+        assurance: float = DEFAULT_ASSURANCE,
+    ) -> None:
+        self.expected_run_length = float(expected_run_length)
+        self._config: dict[str, Any] = {
+            "window": window,
+            "alpha": alpha,
+            "alpha1": alpha1,
+            "assurance": assurance,
+        }
+        design_cusum(self.expected_run_length, alpha=alpha, alpha1=alpha1, assurance=assurance)  # validate
+        self._lock = threading.Lock()
+        self._detectors: dict[tuple[str, str], tuple[Any, OnlineDriftDetector]] = {}
+
+    @staticmethod
+    def _ref(source: object) -> Any:
+        try:
+            return weakref.ref(source)
+        except TypeError:  # not weak-referenceable: hold it (a small object)
+            return lambda: source
+
+    def watch(self, kind: str, name: str, source: object, reference_size: int | None) -> OnlineDriftDetector:
+        key = (kind, name)
+        with self._lock:
+            entry = self._detectors.get(key)
+            if entry is not None and entry[0]() is source:
+                return entry[1]
+            detector = OnlineDriftDetector(
+                self.expected_run_length, reference_size=reference_size, **self._config
+            )
+            self._detectors[key] = (self._ref(source), detector)
+            return detector
+
+    def observe(
+        self,
+        kind: str,
+        name: str,
+        source: object,
+        reference_size: int | None,
+        p_values: np.ndarray,
+        is_ood: np.ndarray | None = None,
+    ) -> bool:
+        """Feed served p-values to the detector of `source`; returns its alarm state."""
+        return self.watch(kind, name, source, reference_size).update(p_values, is_ood)
+
+    def get(self, kind: str, name: str) -> OnlineDriftDetector | None:
+        with self._lock:
+            entry = self._detectors.get((kind, name))
+            return None if entry is None else entry[1]
+
+    def reset(self, kind: str, name: str) -> bool:
+        """Reset one detector; False if there is none."""
+        detector = self.get(kind, name)
+        if detector is not None:
+            detector.reset()
+        return detector is not None
+
+    def forget(self, kind: str, name: str) -> None:
+        """Drop a detector (its model or ensemble is no longer served)."""
+        with self._lock:
+            self._detectors.pop((kind, name), None)
+
+    def items(self) -> list[tuple[str, str, OnlineDriftDetector]]:
+        """`(kind, name, detector)`, sorted."""
+        with self._lock:
+            return [(k, n, entry[1]) for (k, n), entry in sorted(self._detectors.items())]

@@ -12,6 +12,7 @@ import pytest
 
 from service.core.drift import (
     BATCH_METHOD,
+    DriftMonitor,
     OnlineDriftDetector,
     batch_drift_test,
     beta_binomial_sf,
@@ -233,3 +234,24 @@ def test_online_state_window_reset_and_threads() -> None:
     assert state["images"] == 8 * 50 * 7 and state["window_ood_rate"] == 1.0
     with pytest.raises(ValueError, match="is_ood"):
         detector.update(np.full(3, 0.5), is_ood=np.ones(2, dtype=bool))
+
+
+def test_monitor_binds_detectors_to_the_loaded_object() -> None:
+    """A reload (a new loaded object for the same name) starts a fresh detector."""
+
+    class Loaded:  # stands for a LoadedModel: only its identity matters here
+        pass
+
+    monitor = DriftMonitor(5_000, window=50)
+    first = Loaded()
+    monitor.observe("model", "m", first, 999, np.full(40, 0.001))
+    assert monitor.get("model", "m") is monitor.watch("model", "m", first, 999)
+    assert monitor.watch("model", "m", first, 999).state()["images"] == 40
+    second = Loaded()
+    fresh = monitor.watch("model", "m", second, 999)
+    assert fresh.state()["images"] == 0 and fresh.state()["statistic"] == 0.0
+    assert monitor.reset("model", "m") and not monitor.reset("ensemble", "m")
+    monitor.observe("ensemble", "e", second, None, np.full(5, 0.5))
+    assert [(k, n) for k, n, _ in monitor.items()] == [("ensemble", "e"), ("model", "m")]
+    monitor.forget("model", "m")
+    assert monitor.get("model", "m") is None
