@@ -29,8 +29,14 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from models.scores import OodStatistic
+
 __all__ = [
+    "BACKGROUND_OUTPUT",
     "ENSEMBLES_DIR",
+    "GRAPH_FILES",
+    "GRAPH_INPUT",
+    "GRAPH_OUTPUTS",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "ArtifactError",
@@ -46,6 +52,7 @@ __all__ = [
     "Manifest",
     "OodMetrics",
     "ScoreSpec",
+    "StatisticSelection",
     "artifact_files",
     "ensemble_path",
     "find_ensembles",
@@ -57,11 +64,21 @@ __all__ = [
     "verify_artifact",
     "write_ensemble",
     "write_manifest",
+    "DIR_MODE",
+    "FILE_MODE",
+    "mkdir_readable",
+    "set_readable_modes",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ENSEMBLES_DIR = "_ensembles"
+
+# The exported graph's I/O (DESIGN §3), named once for the exporter, the service and batch scoring.
+GRAPH_INPUT = "images"  # uint8 [N, C, H, W]
+GRAPH_OUTPUTS: tuple[str, str] = ("log_likelihood", "bits_per_dim")  # float32 [N] each, in this order
+BACKGROUND_OUTPUT = "background_log_likelihood"  # third output of likelihood-ratio graphs (nats)
+GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
@@ -104,10 +121,32 @@ class BackgroundSpec(_Schema):
     """The background flow of the likelihood-ratio score (Ren et al. 2019): a second flow inside
     the same exported graph, whose log-likelihood is the extra output `output`."""
 
-    output: Literal["background_log_likelihood"] = "background_log_likelihood"
+    output: str = Field(BACKGROUND_OUTPUT, pattern=f"^{BACKGROUND_OUTPUT}$")
     perturbation_rate: float = Field(gt=0.0, lt=1.0, description="μ: fraction of pixels replaced by noise")
     architecture: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+
+
+class StatisticSelection(_Schema):
+    """How `score.statistic` was chosen (`training.selection`), so a reader can check that no
+    reported evaluation set took part.
+
+    `by`: `selection` (the fixed rule over validation data and OOD proxies), `user`
+    (`oodflow calibrate --statistic`) or `run config` (a statistic named in the config)."""
+
+    chosen: OodStatistic
+    by: Literal["selection", "user", "run config"]
+    rule: str
+    candidates: list[OodStatistic] = Field(default_factory=list)
+    proxies: list[dict[str, Any]] = Field(
+        default_factory=list, description="name, family, description, size of each OOD proxy"
+    )
+    auroc: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="candidate -> proxy -> AUROC (OOD positive) against validation"
+    )
+    worst_case_auroc: dict[str, float] = Field(default_factory=dict)
+    mean_auroc: dict[str, float] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict, description="what the choice used and what it did not")
 
 
 class ScoreSpec(_Schema):
@@ -119,7 +158,7 @@ class ScoreSpec(_Schema):
     - likelihood_ratio: `bits_per_dim − bits_per_dim(background_log_likelihood)` (see `background`)
     """
 
-    statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio"]
+    statistic: OodStatistic
     direction: Literal["higher_is_ood"] = "higher_is_ood"
     units: Literal["bits/dim"] = "bits/dim"
     reference_bits_per_dim: float | None = Field(
@@ -128,6 +167,7 @@ class ScoreSpec(_Schema):
     description: str
     complexity: ComplexitySpec | None = Field(None, description="statistic 'complexity' only")
     background: BackgroundSpec | None = Field(None, description="statistic 'likelihood_ratio' only")
+    selection: StatisticSelection | None = Field(None, description="how the statistic was chosen")
 
 
 class Calibration(_Schema):
@@ -211,7 +251,7 @@ class EnsembleMember(_Schema):
     name: str
     version: int = Field(ge=1)
     kind: Literal["pixel", "embedding"]
-    statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio"]
+    statistic: OodStatistic
 
 
 class EnsembleMetrics(_Schema):
@@ -247,6 +287,11 @@ class EnsembleManifest(_Schema):
     rule_definition: str
     members: list[EnsembleMember] = Field(min_length=2)
     calibration: Calibration
+    calibration_images: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the in-distribution images that set `calibration` (split, size, fingerprint) and "
+        "the members' own calibration images they are disjoint from (fingerprints)",
+    )
     in_distribution_test: dict[str, float] = Field(default_factory=dict)
     metrics: list[EnsembleMetrics] = Field(default_factory=list)
 
@@ -270,11 +315,12 @@ def ensemble_path(repository: Path, name: str) -> Path:
 
 
 def write_ensemble(repository: Path, ensemble: EnsembleManifest) -> Path:
-    """Write atomically (a reader never sees half a file)."""
+    """Write atomically (a reader never sees half a file), mode 0644 in a 0755 folder."""
     path = ensemble_path(repository, ensemble.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    mkdir_readable(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(ensemble.model_dump_json(indent=2) + "\n")
+    tmp.chmod(FILE_MODE)
     tmp.replace(path)
     return path
 
@@ -325,10 +371,39 @@ def artifact_files(directory: Path) -> dict[str, FileEntry]:
     return entries
 
 
+# Artifacts are read by other users than their writer: the service's uid in a container (10001 in
+# deploy/) over a bind-mounted repository, a service account, a colleague. So folders are 0755 and
+# files 0644 whatever the writer's umask and whatever the writing library chose
+# (tempfile.mkdtemp makes 0700 folders, safetensors writes 0600 files).
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+
+def set_readable_modes(directory: Path) -> None:
+    """`directory` and every folder below it 0755, every file 0644; symbolic links are left alone."""
+    directory = Path(directory)
+    directory.chmod(DIR_MODE)
+    for path in directory.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
+def mkdir_readable(directory: Path) -> None:
+    """`mkdir -p` whose new folders are 0755 whatever the umask (existing folders keep their mode)."""
+    directory = Path(directory)
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in missing:
+        path.chmod(DIR_MODE)
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
-    """Fill `files` from what is on disk, then write `manifest.json`."""
+    """Fill `files` from what is on disk, write `manifest.json`, and give the whole artifact
+    readable modes (`set_readable_modes`): this is the step that seals a version folder."""
     manifest = manifest.model_copy(update={"files": artifact_files(directory)})
     (directory / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+    set_readable_modes(directory)
     return manifest
 
 

@@ -9,7 +9,9 @@ calibration, batch scoring and the HTTP service compute it with the same code:
 - `ood_score`: the four statistics (likelihood, typicality, input complexity, likelihood ratio);
 - `png_bits_per_dim`: the compressor code length L(x) of the input-complexity score;
 - `p_value` / `leave_one_out_p_values`: p-values against the calibration reference scores;
-- `combine_p_values`: the combined verdict of several models (Fisher's method or min-p).
+- `threshold_at_fpr`: the conformal threshold at a target false-positive rate;
+- `combine_p_values` / `calibrate_combination`: the combined verdict of several models (Fisher's
+  method or min-p) and its own threshold.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "CombinationRule",
     "OodStatistic",
     "bits_per_dim",
+    "calibrate_combination",
     "combine_p_values",
     "complexity_canary",
     "complexity_canary_mismatch",
@@ -40,6 +43,7 @@ __all__ = [
     "ood_score",
     "p_value",
     "png_bits_per_dim",
+    "threshold_at_fpr",
 ]
 
 LN2 = math.log(2.0)
@@ -142,6 +146,54 @@ def combine_p_values(p_values: np.ndarray, rule: CombinationRule) -> np.ndarray:
     if rule == "min_p":
         return -np.log(np.minimum(1.0, p.shape[0] * p.min(axis=0)))
     raise ValueError(f"unknown combination rule '{rule}', expected one of {COMBINATION_RULES}")
+
+
+def threshold_at_fpr(scores: np.ndarray, target_fpr: float) -> float:
+    """Threshold on `scores` (in-distribution, higher = more OOD) that flags at most `target_fpr` of
+    fresh in-distribution images: the k-th smallest score, `k = ⌈(n + 1)(1 − target_fpr)⌉`.
+
+    This is the split-conformal order statistic: when `scores` and a fresh image's score are
+    exchangeable (the fresh image is drawn like the n held-out ones and nothing in the score was
+    fitted on them), `P(fresh > threshold) ≤ target_fpr`, and with no ties
+    `P(fresh > threshold) = (n + 1 − k) / (n + 1)`, which lies in `(target_fpr − 1/(n+1), target_fpr]`
+    and equals `target_fpr` when `(n + 1)(1 − target_fpr)` is a whole number. Ties (discrete p-values)
+    only make it conservative: `P(fresh ≥ threshold) ≥ (n + 1 − k)/(n + 1)`. Needs
+    `n ≥ (1 − target_fpr) / target_fpr` (19 at 5%); below that the largest score is returned and the
+    rate is `1/(n + 1)`, above the target.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    if s.size == 0:
+        raise ValueError("cannot set a threshold on zero scores")
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must lie in (0, 1), got {target_fpr}")
+    # the epsilon keeps (n+1)(1-α) = 57.000000000000007 from rounding up to 58
+    k = math.ceil((s.size + 1) * (1.0 - target_fpr) - 1e-9)
+    return float(s[min(max(k, 1), s.size) - 1])
+
+
+def calibrate_combination(
+    member_p_values: np.ndarray, rule: CombinationRule, target_fpr: float
+) -> tuple[float, np.ndarray]:
+    """The combined verdict's own calibration.
+
+    `member_p_values: (K, N)`: each member's `p_value` of N held-out in-distribution images against
+    that member's reference scores, where the N images are disjoint from those that gave the
+    reference scores (the `combination` split; the members calibrate on `calibration`). Then a fresh
+    image's member p-values are exchangeable with these N columns, whatever the dependence between
+    the members, and `threshold_at_fpr` of the N combined scores holds the target exactly (see
+    there). Returns `(threshold, reference_sorted)`: the combined-score threshold and the N combined
+    scores, ascending, for the combined p-value (`p_value(score, reference_sorted)`).
+
+    Leave-one-out p-values of the members' own calibration images are not exchangeable with a fresh
+    image's (they are ranks within the very set they are compared against): on small splits the
+    realised rate drifts below the target, and p-values of those images against references that
+    include them drift above it (tests/training/test_ensemble_calibration.py measures both).
+    """
+    p = np.asarray(member_p_values, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"member_p_values must be (K members, N images) with N >= 1, got shape {p.shape}")
+    combined = np.sort(combine_p_values(p, rule))
+    return threshold_at_fpr(combined, target_fpr), combined
 
 
 def combined_verdict(

@@ -1,31 +1,39 @@
 """`oodflow calibrate`: the OOD threshold, set on held-out in-distribution data only.
 
-`ood_score` is computed by the statistic in the run config (or the one passed in) with
+`ood_score` is computed by the statistic passed in, else the run config's, with
 `models.scores.ood_score`: `nll`, `typicality`, `complexity` (input complexity, Serrà et al. 2020)
 or `likelihood_ratio` (Ren et al. 2019; trains the run's background flow first if it has none).
-The threshold is the (1 − target_fpr) quantile of the calibration split's scores, so about
-`target_fpr` of in-distribution images are flagged; the sorted scores are kept for p-values and
-the per-image scores under `scores/` for the ensemble.
+`auto` chooses among the statistics the run can compute on validation data and OOD proxies only
+(`training.selection`); the record of how the statistic was chosen (`selection`: by the procedure,
+by the user, or fixed by the run config) goes into calibration.json and the manifest.
+
+The threshold is the split-conformal quantile of the calibration split's scores
+(`models.scores.threshold_at_fpr`), so at most `target_fpr` of fresh in-distribution images are
+flagged; the sorted scores are kept for p-values. Per-image scores go under `scores/`: the
+calibration split's, and the combination split's (held-out images disjoint from the calibration
+split, on which the ensemble sets its own threshold: `training.ensemble`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from models.flows import PixelFlow
-from models.scores import PNG_COMPRESS_LEVEL, OodStatistic, bits_per_dim, complexity_canary
+from models.scores import (
+    PNG_COMPRESS_LEVEL,
+    OodStatistic,
+    bits_per_dim,
+    complexity_canary,
+    threshold_at_fpr,
+)
 from training.background import background_config, has_background, load_background, train_background
 from training.runs import Run, Splits, load_splits, resolve_device
+from training.selection import select_statistic, user_choice
 from training.statistics import StatisticInputs, save_split_scores, score_statistic, statistic_inputs
 
 __all__ = ["calibrate", "compute_scores", "load_background_for", "threshold_at_fpr"]
-
-
-def threshold_at_fpr(scores: np.ndarray, target_fpr: float) -> float:
-    """Smallest observed score such that at most `target_fpr` of `scores` lie strictly above."""
-    return float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - target_fpr, method="higher"))
 
 
 def compute_scores(
@@ -54,18 +62,26 @@ def calibrate(
     *,
     device: str = "auto",
     splits: Splits | None = None,
-    statistic: OodStatistic | None = None,
+    statistic: OodStatistic | Literal["auto"] | None = None,
     target_fpr: float | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Calibrate the run's OOD score; `statistic` / `target_fpr` override the run config's."""
+    """Calibrate the run's OOD score; `statistic` / `target_fpr` override the run config's
+    (`statistic="auto"`: choose it, `training.selection.select_statistic`)."""
     run = Run(run_dir)  # type: ignore[arg-type]
     dev = resolve_device(device)
     model = run.load_model(dev)
     cfg = run.config.calibration
-    statistic = statistic or cfg.statistic
     target_fpr = target_fpr or cfg.target_fpr
     splits = splits or load_splits(run.config, with_eval_sets=False)
+    requested = statistic or cfg.statistic
+    if requested == "auto":
+        selection = select_statistic(run, splits, device=dev)
+        statistic = selection["chosen"]
+    else:
+        selection = user_choice(requested, "user" if statistic else "run config")
+        statistic = requested
+    assert statistic is not None and statistic != "auto"
     if statistic == "likelihood_ratio" and not has_background(run):
         train_background(run, splits, device=device, progress=progress)
     background = load_background_for(run, statistic, dev)
@@ -79,6 +95,7 @@ def calibrate(
     )
     payload: dict[str, Any] = {
         "statistic": statistic,
+        "selection": selection,
         "num_dims": num_dims,
         "reference_bits_per_dim": reference,
         "target_fpr": target_fpr,
@@ -103,6 +120,20 @@ def calibrate(
         }
     raw = compute_scores(run, payload, inputs)
     save_split_scores(run.dir / "scores", "calibration", splits.calibration, raw, inputs.log_likelihood)
+    stale = run.dir / "scores" / "combination.npz"
+    if splits.combination is not None and len(splits.combination):
+        # The ensemble's own calibration images: scored here so that every member of an ensemble
+        # scores them with the statistic and model it ships.
+        comb = statistic_inputs(
+            model, splits.combination, [statistic], background=background, cache_dir=cache, key="combination"
+        )
+        comb_scores = compute_scores(run, payload, comb)
+        save_split_scores(
+            run.dir / "scores", "combination", splits.combination, comb_scores, comb.log_likelihood
+        )
+        payload["combination_size"] = len(comb_scores)
+    elif stale.is_file():
+        stale.unlink()  # from an earlier calibration with other splits
     scores = np.sort(raw)
     threshold = threshold_at_fpr(scores, target_fpr)
     payload.update(

@@ -133,10 +133,18 @@ def test_combined_verdict_catches_what_one_model_alone_misses(rule: str) -> None
     rng = np.random.default_rng(0)
     n = 4000
     cal = [rng.normal(size=n), rng.normal(size=n)]
+    comb = [rng.normal(size=n), rng.normal(size=n)]  # the ensemble's own held-out images
     test = [rng.normal(size=n), rng.normal(size=n)]
     low = [rng.normal(4.0, 1.0, size=500), rng.normal(size=500)]
     sem = [rng.normal(size=500), rng.normal(4.0, 1.0, size=500)]
-    combined = combine_members(cal, {"test": test, "low": low, "sem": sem}, rule, target_fpr=0.05)  # type: ignore[arg-type]
+    combined = combine_members(
+        cal,
+        {"test": test, "low": low, "sem": sem},
+        rule,  # type: ignore[arg-type]
+        target_fpr=0.05,
+        combination=comb,
+    )
+    assert combined.threshold is not None
     assert ood_metrics(test[1], low[1])["auroc"] < 0.6  # B misses the low-level set
     assert ood_metrics(test[0], sem[0])["auroc"] < 0.6  # A misses the semantic set
     for split in ("low", "sem"):
