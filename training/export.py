@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from models.artifact import Manifest, find_versions, write_manifest
+from models.artifact import Manifest, find_versions, mkdir_readable, write_manifest
 
 __all__ = [
     "ExportError",
@@ -132,14 +132,16 @@ def export_artifact(
     """Write `<repository>/<name>/<version>/` atomically and return its path.
 
     The version folder appears only after the graphs passed the parity check and the manifest
-    (with every file's sha256) is written, so a crash never leaves a half artifact behind.
+    (with every file's sha256) is written, so a crash never leaves a half artifact behind. It is
+    staged in a private (0700) folder and published with readable modes (folders 0755, files
+    0644; `write_manifest` sets them), so a service running as another user can read it.
     """
     model = model.eval()
     repository = Path(repository)
     target = repository / manifest.name / str(manifest.version)
     if target.exists():
         raise ExportError(f"{target} already exists; versions are immutable")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    mkdir_readable(target.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}-", dir=target.parent))
     try:
         example = parity_images[:2].contiguous()
