@@ -21,13 +21,13 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from service.auth import add_security_to_openapi
+from service.core import ScorerWrapper
 from service.errors import install_error_handlers
 from service.logs import RequestContextMiddleware, configure_logging
-from service.registry import Registry, ScorerWrapper
 from service.routes import health, v1, v2
 from service.schemas import ArrayBody, ImagesBody, InferRequest
 from service.settings import Settings
-from service.state import ServiceState
+from service.state import ServiceState, registry_for
 
 __all__ = ["create_app", "run"]
 
@@ -61,7 +61,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings | None = None, *, wrap_scorer: ScorerWrapper | None = None) -> FastAPI:
     """The FastAPI app. `wrap_scorer(name, scorer) -> scorer` lets tests slow a model down."""
     settings = settings or Settings()
-    state = ServiceState(settings, Registry(settings, wrap_scorer), api_keys=settings.resolved_api_keys())
+    state = ServiceState(settings, registry_for(settings, wrap_scorer), api_keys=settings.resolved_api_keys())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

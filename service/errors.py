@@ -1,5 +1,7 @@
 """Typed errors and the one place that maps them to HTTP statuses and JSON bodies.
 
+The core's own errors that reach a route unmapped are mapped here too (`UnknownModel` -> 404).
+
 Every error response, from v1, health or the framework itself, is
 `{"error": {"code": "<machine-readable>", "message": "<for humans>"}}` with the status below.
 Under `/v2` the Open Inference Protocol's own shape is kept, `{"error": "<message>", "code": ...}`,
@@ -18,6 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from service.core import UnknownModel
 
 __all__ = [
     "BadRequest",
@@ -202,7 +206,11 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", "internal server error", path=request.url.path)
 
+    async def unknown_model(request: Request, exc: Exception) -> Response:
+        return error_response(404, ModelNotFound.code, str(exc), path=request.url.path)
+
     app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(UnknownModel, unknown_model)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)

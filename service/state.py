@@ -1,4 +1,5 @@
-"""What one app instance holds: settings, registry, metrics, worker pool, readiness."""
+"""What one app instance holds: settings, the core's registry, a batcher per model, metrics,
+worker pool, readiness."""
 
 from __future__ import annotations
 
@@ -9,13 +10,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from service.batcher import Batcher
+from service.core import LoadedModel, LoadOptions, Registry, ScorerWrapper, ServedModel
+from service.errors import ModelUnavailable, NotReady
 from service.metrics import Metrics
-from service.registry import Registry, ServedModel
 from service.settings import Settings
 
-__all__ = ["ServiceState"]
+__all__ = ["ServiceState", "registry_for"]
 
 log = logging.getLogger("service.state")
+
+
+def registry_for(settings: Settings, wrap_scorer: ScorerWrapper | None = None) -> Registry:
+    """The core registry the settings describe (models warmed at the batch sizes the batcher runs)."""
+    options = LoadOptions(
+        runtime=settings.runtime,
+        device=settings.device,
+        intra_op_threads=settings.intra_op_threads,
+        allow_spinning=settings.ort_allow_spinning,
+        warm_batch_sizes=tuple(sorted({1, settings.max_batch_images})),
+        wrap_scorer=wrap_scorer,
+    )
+    return Registry(settings.model_repository, settings.models, options)
 
 
 @dataclass(eq=False)
@@ -25,9 +40,19 @@ class ServiceState:
     metrics: Metrics = field(default_factory=Metrics)
     api_keys: list[bytes] = field(default_factory=list)
     decode_pool: ThreadPoolExecutor | None = None
+    batchers: dict[str, Batcher] = field(default_factory=dict)
     loaded: bool = False
     draining: bool = False
     _loading: asyncio.Task[None] | None = None
+
+    def require_ready(self, served: ServedModel) -> tuple[LoadedModel, Batcher]:
+        """The loaded model and batcher of a model that serves, or 503 saying why it does not."""
+        batcher = self.batchers.get(served.name)
+        if served.status == "ready" and served.model is not None and batcher is not None:
+            return served.model, batcher
+        if served.status == "loading" or served.status == "ready":
+            raise NotReady(f"model '{served.name}' is still loading", code="model_loading")
+        raise ModelUnavailable(f"model '{served.name}' was refused: {served.reason}", retry_after_s=None)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         """Ready when every configured model is loaded, verified and warmed (DESIGN §6)."""
@@ -65,18 +90,18 @@ class ServiceState:
             log.info("model loading finished: %s", "ready" if ready else f"not ready {models}")
 
     def _start_batcher(self, entry: ServedModel) -> None:
-        assert entry.scorer is not None
+        assert entry.model is not None
         s = self.settings
-        entry.batcher = Batcher(
+        batcher = self.batchers[entry.name] = Batcher(
             entry.name,
-            entry.scorer.run,
+            entry.model.scorer.run,
             max_batch_images=s.max_batch_images,
             max_wait_s=s.max_wait_ms / 1000.0,
             max_queue_images=s.max_queue_images,
             concurrent_batches=s.concurrent_batches,
             observer=self.metrics,
         )
-        entry.batcher.start()
+        batcher.start()
 
     async def wait_loaded(self) -> None:
         if self._loading is not None:
@@ -89,7 +114,7 @@ class ServiceState:
             self._loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loading
-        batchers = [m.batcher for m in self.registry.models.values() if m.batcher is not None]
+        batchers = list(self.batchers.values())
         await asyncio.gather(*(b.close(self.settings.shutdown_timeout_s) for b in batchers))
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -1,44 +1,56 @@
-"""The combined verdict: ensembles of served models (`<repository>/_ensembles/<name>.json`).
+"""Ensembles: combined verdicts over served models (`<repository>/_ensembles/<name>.json`).
 
-At startup every ensemble manifest is read (`models.artifact.find_ensembles`/`load_ensemble`); once
-the models have loaded, an ensemble is `valid` only if every member is served, ready and at exactly
-the version (and kind and statistic) the manifest lists; otherwise it is `stale` (logged, listed by
-`/v1/models`, never used). An unreadable manifest is `failed`.
+The same rules for every front door (HTTP `POST /v1/score`, `oodflow score-batch`,
+`oodflow ensemble list`):
 
-`POST /v1/score` adds the verdict of the first valid ensemble (by name) whose members were all
-scored: per image, each member's `p_value` in manifest order goes through
-`models.scores.combined_verdict` with the ensemble's calibration (threshold and reference scores).
+- every ensemble manifest under the repository is read (`discover_ensembles`); an unreadable one
+  is `failed` with its reason, never silently skipped;
+- once the models are loaded, an ensemble is `valid` only if every member is loaded and ready at
+  exactly the version, kind and statistic the manifest lists; otherwise it is `stale` with the
+  first reason found (`resolve_ensembles`);
+- a verdict comes from the first valid ensemble (by name) whose members, at their versions, were
+  all scored (`select_ensemble`): per image, each member's `p_value` in manifest order goes through
+  `models.scores.combined_verdict` with the ensemble's calibration (`combine`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
-from models.artifact import ArtifactError, EnsembleManifest, find_ensembles, load_ensemble
+from models.artifact import ArtifactError, EnsembleManifest, Manifest, find_ensembles, load_ensemble
 from models.scores import combined_verdict
 
-if TYPE_CHECKING:
-    from service.registry import ServedModel
-    from service.scoring import ModelOutcome
-
 __all__ = [
+    "CombinedScores",
     "EnsembleStatus",
+    "MemberState",
     "ServedEnsemble",
-    "combined_block",
+    "combine",
     "discover_ensembles",
+    "ensemble_problem",
     "resolve_ensembles",
     "select_ensemble",
 ]
 
-log = logging.getLogger("service.ensemble")
+log = logging.getLogger("service.core.ensembles")
 
 EnsembleStatus = Literal["loading", "valid", "stale", "failed"]
+
+
+class MemberState(Protocol):
+    """What ensemble resolution reads of a model: its load status and manifest."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def manifest(self) -> Manifest | None: ...
 
 
 @dataclass(eq=False)
@@ -50,19 +62,15 @@ class ServedEnsemble:
     reason: str | None = None
     reference_sorted: np.ndarray | None = None
 
-    def summary(self) -> dict[str, Any]:
-        """For `/v1/models`."""
-        m = self.manifest
-        return {
-            "name": self.name,
-            "status": self.status,
-            "reason": self.reason,
-            "rule": None if m is None else m.rule,
-            "members": [] if m is None else [{"name": k.name, "version": k.version} for k in m.members],
-            "threshold": None if m is None else m.calibration.threshold,
-            "target_fpr": None if m is None else m.calibration.target_fpr,
-            "description": "" if m is None else m.description,
-        }
+
+@dataclass(frozen=True)
+class CombinedScores:
+    """One ensemble's verdict for N images, `(N,)` each."""
+
+    ensemble: ServedEnsemble
+    combined_score: np.ndarray  # float64, higher = more OOD
+    p_value: np.ndarray  # float64
+    is_ood: np.ndarray  # bool
 
 
 def discover_ensembles(repository: Path) -> list[ServedEnsemble]:
@@ -80,7 +88,8 @@ def discover_ensembles(repository: Path) -> list[ServedEnsemble]:
     return sorted(out, key=lambda e: e.name)
 
 
-def _stale_reason(manifest: EnsembleManifest, models: Mapping[str, ServedModel]) -> str | None:
+def ensemble_problem(manifest: EnsembleManifest, models: Mapping[str, MemberState]) -> str | None:
+    """Why the ensemble cannot be used over `models` (name -> loaded model), or None."""
     for member in manifest.members:
         served = models.get(member.name)
         if served is None:
@@ -100,26 +109,24 @@ def _stale_reason(manifest: EnsembleManifest, models: Mapping[str, ServedModel])
     return None
 
 
-def resolve_ensembles(ensembles: Iterable[ServedEnsemble], models: Mapping[str, ServedModel]) -> None:
+def resolve_ensembles(ensembles: Iterable[ServedEnsemble], models: Mapping[str, MemberState]) -> None:
     """After model loading: mark each readable ensemble `valid` or `stale` (with its reason)."""
     for ens in ensembles:
         if ens.manifest is None:
             continue
-        reason = _stale_reason(ens.manifest, models)
+        reason = ensemble_problem(ens.manifest, models)
         if reason is None:
             ens.status, ens.reason = "valid", None
             ens.reference_sorted = np.asarray(ens.manifest.calibration.reference_scores, dtype=np.float64)
             log.info("ensemble %s valid over %s", ens.name, ", ".join(m.name for m in ens.manifest.members))
         else:
-            ens.status, ens.reason = "stale", reason
+            ens.status, ens.reason, ens.reference_sorted = "stale", reason, None
             log.warning("skipping stale ensemble %s: %s", ens.name, reason)
 
 
-def select_ensemble(
-    ensembles: Iterable[ServedEnsemble], outcomes: Sequence[ModelOutcome]
-) -> ServedEnsemble | None:
-    """The first valid ensemble (by name) whose members, at their versions, were all scored."""
-    scored = {o.manifest.name: o.manifest.version for o in outcomes}
+def select_ensemble(ensembles: Iterable[ServedEnsemble], scored: Mapping[str, int]) -> ServedEnsemble | None:
+    """The first valid ensemble (by name) whose members, at their versions, were all scored
+    (`scored`: model name -> version)."""
     for ens in sorted(ensembles, key=lambda e: e.name):
         if ens.status != "valid" or ens.manifest is None:
             continue
@@ -128,28 +135,11 @@ def select_ensemble(
     return None
 
 
-def combined_block(
-    ensembles: Iterable[ServedEnsemble], outcomes: Sequence[ModelOutcome]
-) -> dict[str, Any] | None:
-    """The `combined` field of a `/v1/score` response, or None when no valid ensemble applies."""
-    ens = select_ensemble(ensembles, outcomes)
-    if ens is None:
-        return None
-    manifest = ens.manifest
-    assert manifest is not None and ens.reference_sorted is not None
-    by_name = {o.manifest.name: o for o in outcomes}
-    ps = [by_name[m.name].scores.p_value for m in manifest.members]
-    score, p, is_ood = combined_verdict(
-        ps, manifest.rule, manifest.calibration.threshold, ens.reference_sorted
-    )
-    return {
-        "ensemble": ens.name,
-        "rule": manifest.rule,
-        "members": [{"name": m.name, "version": m.version} for m in manifest.members],
-        "threshold": manifest.calibration.threshold,
-        "target_fpr": manifest.calibration.target_fpr,
-        "results": [
-            {"combined_score": s, "p_value": pv, "is_ood": flag}
-            for s, pv, flag in zip(score.tolist(), p.tolist(), is_ood.tolist(), strict=True)
-        ],
-    }
+def combine(ensemble: ServedEnsemble, p_values: Mapping[str, np.ndarray]) -> CombinedScores:
+    """The verdict of a valid ensemble from each member's `(N,)` p-values (by member name)."""
+    manifest, reference = ensemble.manifest, ensemble.reference_sorted
+    if ensemble.status != "valid" or manifest is None or reference is None:
+        raise ValueError(f"ensemble '{ensemble.name}' is {ensemble.status}: {ensemble.reason}")
+    ps = [np.asarray(p_values[m.name], dtype=np.float64) for m in manifest.members]
+    score, p, is_ood = combined_verdict(ps, manifest.rule, manifest.calibration.threshold, reference)
+    return CombinedScores(ensemble, score, p, is_ood)

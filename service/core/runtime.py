@@ -1,8 +1,9 @@
 """Scorers: run one exported graph on one uint8 batch. They know nothing of batching or HTTP.
 
-Graph I/O (DESIGN §3): input `images` uint8 `[N, C, H, W]` (dynamic N); outputs `log_likelihood`
-float32 `[N]` (nats) and `bits_per_dim` float32 `[N]`, plus `background_log_likelihood` (nats) for
-models scored by likelihood ratio. A TorchScript graph returns them as a tuple in that order.
+Graph I/O (DESIGN §3, names in `models.artifact`): input `images` uint8 `[N, C, H, W]` (dynamic
+N); outputs `log_likelihood` float32 `[N]` (nats) and `bits_per_dim` float32 `[N]`, plus
+`background_log_likelihood` (nats) for models scored by likelihood ratio. A TorchScript graph
+returns them as a tuple in that order.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from models.artifact import BACKGROUND_OUTPUT, GRAPH_FILES, GRAPH_INPUT, GRAPH_OUTPUTS
+
 __all__ = [
-    "BACKGROUND_OUTPUT",
-    "GRAPH_FILES",
-    "REQUIRED_OUTPUTS",
+    "Device",
     "OnnxScorer",
     "RuntimeName",
     "Scorer",
@@ -25,9 +26,7 @@ __all__ = [
 ]
 
 RuntimeName = Literal["onnx", "torchscript"]
-GRAPH_FILES: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-REQUIRED_OUTPUTS = ("log_likelihood", "bits_per_dim")
-BACKGROUND_OUTPUT = "background_log_likelihood"
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class Scorer(Protocol):
@@ -70,7 +69,7 @@ class OnnxScorer:
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
         inputs = self._session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
+        if len(inputs) != 1 or inputs[0].name != GRAPH_INPUT or inputs[0].type != "tensor(uint8)":
             described = [(i.name, i.type) for i in inputs]
             raise RuntimeError(f"graph input must be one uint8 tensor 'images', found {described}")
         shape = list(inputs[0].shape)
@@ -81,7 +80,7 @@ class OnnxScorer:
         self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self._session.run(None, {"images": images})
+        outputs = self._session.run(None, {GRAPH_INPUT: images})
         return {name: np.asarray(value) for name, value in zip(self.output_names, outputs, strict=True)}
 
 
@@ -103,7 +102,7 @@ class TorchScriptScorer:
             self._module: Any = torch.jit.load(str(path), map_location=self.device).eval()
         self._torch = torch
         self.input_shape: tuple[int | None, int | None, int | None] = (None, None, None)
-        self.output_names: tuple[str, ...] = REQUIRED_OUTPUTS  # refined by the first run (warm-up)
+        self.output_names: tuple[str, ...] = GRAPH_OUTPUTS  # refined by the first run (warm-up)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -111,7 +110,7 @@ class TorchScriptScorer:
             outputs = self._module(torch.from_numpy(images).to(self.device))
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
-        names = (*REQUIRED_OUTPUTS, BACKGROUND_OUTPUT)[: len(outputs)]
+        names = (*GRAPH_OUTPUTS, BACKGROUND_OUTPUT)[: len(outputs)]
         self.output_names = names
         return {name: value.detach().cpu().numpy() for name, value in zip(names, outputs, strict=True)}
 

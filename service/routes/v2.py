@@ -17,12 +17,12 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from service.core import Scores, ServedModel
 from service.errors import BadRequest, ModelNotFound, error_response
 from service.parsing import parse_infer_body, read_body
-from service.registry import ServedModel
 from service.routes.common import ERROR_RESPONSES, get_state, json_response, unless_disconnected
 from service.schemas import InferRequest, InferResponse, V2ModelMetadata, V2ServerMetadata
-from service.scoring import ModelOutcome, Scores, decode_payload, score_model
+from service.scoring import ModelOutcome, decode_payload, score_model
 
 __all__ = ["OUTPUTS", "router"]
 
@@ -76,9 +76,9 @@ def _served(request: Request, name: str, version: str | None) -> ServedModel:
     return served
 
 
-def _metadata(served: ServedModel) -> dict[str, object]:
-    manifest, _ = served.require_ready()
-    assert served.scorer is not None
+def _metadata(request: Request, served: ServedModel) -> dict[str, object]:
+    model, _ = get_state(request).require_ready(served)
+    manifest = model.manifest
     spec = manifest.input
     shape = (
         [-1, spec.height, spec.width] if spec.channels == 1 else [-1, spec.height, spec.width, spec.channels]
@@ -86,7 +86,7 @@ def _metadata(served: ServedModel) -> dict[str, object]:
     return {
         "name": served.name,
         "versions": [str(served.version)],
-        "platform": _PLATFORMS.get(served.scorer.runtime, served.scorer.runtime),
+        "platform": _PLATFORMS.get(model.scorer.runtime, model.scorer.runtime),
         "inputs": [{"name": "images", "datatype": "UINT8", "shape": shape}],
         "outputs": [{"name": name, "datatype": dt, "shape": [-1]} for name, (dt, _) in OUTPUTS.items()],
         "parameters": {
@@ -105,7 +105,7 @@ def _metadata(served: ServedModel) -> dict[str, object]:
     responses=ERROR_RESPONSES,
 )
 async def model_metadata(name: str, request: Request) -> Response:
-    return json_response(_metadata(_served(request, name, None)))
+    return json_response(_metadata(request, _served(request, name, None)))
 
 
 @router.get(
@@ -115,7 +115,7 @@ async def model_metadata(name: str, request: Request) -> Response:
     responses=ERROR_RESPONSES,
 )
 async def model_version_metadata(name: str, version: str, request: Request) -> Response:
-    return json_response(_metadata(_served(request, name, version)))
+    return json_response(_metadata(request, _served(request, name, version)))
 
 
 def _ready_response(served: ServedModel) -> Response:
@@ -206,7 +206,7 @@ def _infer_response(
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     state = get_state(request)
     served = _served(request, name, version)
-    served.require_ready()
+    get_state(request).require_ready(served)
     body = await read_body(request, state.settings)
     infer_request, payload = parse_infer_body(body, request.headers, state.settings)
     outputs = _requested_outputs(infer_request)

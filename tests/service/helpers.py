@@ -22,8 +22,7 @@ from PIL import Image
 
 from models.artifact import load_manifest, write_manifest
 from service.app import create_app
-from service.registry import ScorerWrapper
-from service.runtime import Scorer
+from service.core import Scorer, ScorerWrapper
 from service.settings import Settings
 from tests.artifacts import GREY_MODEL, RGB_MODEL
 

@@ -4,7 +4,6 @@ bad images become error rows; an interrupted job resumes."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import subprocess
@@ -20,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from service import batch as batch_module
-from service.batch import add_score_batch_arguments, enumerate_inputs, main, output_schema, score_batch
+from service.batch import enumerate_inputs, main, output_schema, score_batch
+from service.batch import output as batch_output
 from tests.artifacts import GREY_MODEL, RGB_MODEL, fashion_mnist_images, photo_patches
 from tests.service.helpers import Server
 
@@ -216,7 +215,7 @@ def test_interrupted_job_resumes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     output = tmp_path / "scores.csv"
-    original = batch_module._Journal.write
+    original = batch_output.Journal.write
     written: list[int] = []
 
     def crash_after_two(self: Any, table: pa.Table) -> None:
@@ -225,10 +224,10 @@ def test_interrupted_job_resumes(
         written.append(table.num_rows)
         original(self, table)
 
-    monkeypatch.setattr(batch_module._Journal, "write", crash_after_two)
+    monkeypatch.setattr(batch_output.Journal, "write", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         _run(inputs, repository, output, engine="local", workers=1)
-    monkeypatch.setattr(batch_module._Journal, "write", original)
+    monkeypatch.setattr(batch_output.Journal, "write", original)
     assert (
         not output.exists() and len(list(output.with_name("scores.csv.partial").glob("chunk-*.parquet"))) == 2
     )
@@ -283,45 +282,30 @@ def test_usage_errors(repository: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert f"{GREY_MODEL}: 1 images, 1 scored, 0 errors" in capsys.readouterr().out
 
 
-def test_cli_verb_has_the_same_flags() -> None:
-    """`oodflow score-batch` (oodflow/cli.py) and `add_score_batch_arguments` must not drift."""
-    from oodflow.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "score-batch" not in sub.choices:
-        pytest.skip("oodflow/cli.py has no score-batch verb yet")
-    ours = add_score_batch_arguments(argparse.ArgumentParser())
-
-    def flags(p: argparse.ArgumentParser) -> dict[str, tuple[Any, ...]]:
-        return {
-            a.dest: (tuple(a.option_strings), a.nargs, a.default, a.required, tuple(a.choices or ()))
-            for a in p._actions
-            if a.dest not in ("help", "func", "command")
-        }
-
-    assert flags(sub.choices["score-batch"]) == flags(ours)
-
-
 def test_service_batch_does_not_import_training_or_flows() -> None:
+    """The batch front door stands on the core alone: no training, no flow classes, no HTTP."""
     code = (
-        "import sys, service.batch, service.scoring; "
-        "bad = [m for m in sys.modules if m.startswith('training') or m in ('models.flows', 'models.transforms')]; "
+        "import sys, service.batch.job, service.batch.ray_engine, service.core; "
+        "bad = [m for m in sys.modules if m.startswith(('training', 'fastapi', 'starlette', 'uvicorn')) "
+        "or m in ('models.flows', 'models.transforms', 'service.settings')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_combined_rows_match_the_service_rule(tmp_path: Path) -> None:
+def test_combined_rows_match_the_service_rule(tmp_path: Path, artifacts: dict[str, Path]) -> None:
     """Batch scoring adds `combined:<ensemble>` rows computed exactly like POST /v1/score's block;
     an image that failed for any member gets an error row, and a stale ensemble is ignored."""
+    from types import SimpleNamespace
+
     import numpy as np
     import pyarrow as pa
 
-    from models.artifact import Calibration, EnsembleManifest, EnsembleMember, write_ensemble
+    from models.artifact import Calibration, EnsembleManifest, EnsembleMember, load_manifest, write_ensemble
     from models.scores import combined_verdict
     from service.batch import combined_rows, output_schema
+    from service.core.ensembles import discover_ensembles, resolve_ensembles
 
     reference = sorted(np.random.default_rng(0).chisquare(4, 200).tolist())
     calibration = Calibration(
@@ -378,7 +362,26 @@ def test_combined_rows_match_the_service_rule(tmp_path: Path) -> None:
         }
     )
     table = pa.Table.from_pylist(rows, schema=output_schema())
-    combined = combined_rows(table, tmp_path)
+    # The members as the core's registry would hold them once loaded: ready, at the listed versions.
+    real = load_manifest(artifacts[GREY_MODEL])
+    loaded = {
+        m.name: SimpleNamespace(
+            status="ready",
+            manifest=real.model_copy(
+                update={
+                    "name": m.name,
+                    "version": m.version,
+                    "kind": m.kind,
+                    "score": real.score.model_copy(update={"statistic": m.statistic}),
+                }
+            ),
+        )
+        for m in members
+    }
+    ensembles = discover_ensembles(tmp_path)
+    resolve_ensembles(ensembles, loaded)
+    assert [e.status for e in ensembles] == ["valid"]
+    combined = combined_rows(table, ensembles)
     assert combined is not None
     got = {(r["source"], r["index"]): r for r in combined.to_pylist()}
     assert set(got) == {("x", 0), ("y", 0), ("z", 0), ("bad", 0)}
@@ -397,4 +400,11 @@ def test_combined_rows_match_the_service_rule(tmp_path: Path) -> None:
     assert "not a decodable image" in got[("bad", 0)]["error"]
     # members scored at another version: the ensemble no longer applies
     stale = table.set_column(3, "version", pa.array([1] * table.num_rows, type=pa.int64()))
-    assert combined_rows(stale, tmp_path) is None
+    assert combined_rows(stale, ensembles) is None
+    # a member of another statistic than the manifest lists: stale, for batch as for HTTP
+    loaded["b"].manifest = loaded["b"].manifest.model_copy(
+        update={"score": real.score.model_copy(update={"statistic": "typicality"})}
+    )
+    resolve_ensembles(ensembles, loaded)
+    assert ensembles[0].status == "stale" and "embedding/nll" in (ensembles[0].reason or "")
+    assert combined_rows(table, ensembles) is None

@@ -60,12 +60,12 @@ def test_resize_matches_training_conform(colour: str) -> None:
     Image.fromarray(RGB).save(buffer, format="PNG")
     decoded = decode_image(buffer.getvalue(), 0, 10_000)
     from_file = fit_to_model(DecodedBatch(images=(decoded,)), spec, resize=True, model="m")
-    from_array = fit_to_model(DecodedBatch(array=RGB[None]), spec, resize=True, model="m")
+    from_array = fit_to_model(DecodedBatch(array=RGB.transpose(2, 0, 1)[None]), spec, resize=True, model="m")
     np.testing.assert_array_equal(from_file.images[0], expected)
     np.testing.assert_array_equal(from_array.images[0], expected)
     assert from_file.resized == (True,) and from_array.resized == (True,)
     with pytest.raises(WrongImageSize):
-        fit_to_model(DecodedBatch(array=RGB[None]), spec, resize=False, model="m")
+        fit_to_model(DecodedBatch(array=RGB.transpose(2, 0, 1)[None]), spec, resize=False, model="m")
 
 
 def test_limits_and_garbage() -> None:

@@ -26,11 +26,11 @@ from models.artifact import (
     load_manifest,
     write_ensemble,
 )
-from models.scores import combined_verdict
-from service.registry import Registry
+from models.scores import combine_p_values, combined_verdict, leave_one_out_p_values
 from service.schemas import ModelList, MultiModelScores
+from service.state import registry_for
 from tests.service.helpers import GREY_MODEL, RGB_MODEL, Server, b64, base_settings, running_server
-from training.ensemble import RULE_DEFINITIONS, combine_members
+from training.ensemble import RULE_DEFINITIONS
 
 ENSEMBLE = "both"
 STALE = "a-stale"  # sorts before ENSEMBLE: selection must skip it
@@ -48,14 +48,15 @@ def ens_repository(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPath
         shutil.copytree(version_dir, repository / name / version_dir.name)
     grey, rgb = (load_manifest(artifacts[n]) for n in (GREY_MODEL, RGB_MODEL))
     refs = [np.asarray(m.calibration.reference_scores) for m in (grey, rgb)]
-    combined = combine_members(refs, {}, "fisher", 0.05)
-    reference = np.sort(combined.calibration)
+    n = min(len(r) for r in refs)  # any in-distribution p-values will do for a fixture
+    reference = np.sort(combine_p_values(np.stack([leave_one_out_p_values(r)[:n] for r in refs]), "fisher"))
+    threshold = float(np.quantile(reference, 0.95))
     calibration = Calibration(
         target_fpr=0.05,
-        threshold=combined.threshold,
+        threshold=threshold,
         validation_set="calibration",
         validation_size=len(reference),
-        validation_fpr=float(np.mean(reference > combined.threshold)),
+        validation_fpr=float(np.mean(reference > threshold)),
         reference_scores=reference.tolist(),
     )
     members = [_member(artifacts[GREY_MODEL]), _member(artifacts[RGB_MODEL])]
@@ -90,11 +91,11 @@ def _grey_body(images: np.ndarray) -> dict:
 def test_discovery_skips_underscore_folders_silently(
     ens_repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    registry = Registry(base_settings(ens_repository))
+    registry = registry_for(base_settings(ens_repository))
     with caplog.at_level(logging.WARNING):
         entries = registry.discover()
     assert sorted(e.name for e in entries) == [GREY_MODEL, RGB_MODEL]
-    assert not [r for r in caplog.records if r.name == "service.registry"]
+    assert not [r for r in caplog.records if r.name == "service.core.registry"]
     assert sorted(registry.ensembles) == [STALE, ENSEMBLE, "broken"]
     assert all(e.status in ("loading", "failed") for e in registry.ensembles.values())
 

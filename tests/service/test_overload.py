@@ -68,7 +68,7 @@ def test_work_of_a_disconnected_client_is_dropped(repository: Path) -> None:
 
     with running_server(settings, wrap_scorer=wrap) as server:
         calls_before = len(scorers[0].calls)
-        batcher = server.state.registry.models[GREY_MODEL].batcher
+        batcher = server.state.batchers[GREY_MODEL]
         first = threading.Thread(target=lambda: server.client.post(URL, json=BODY1))
         first.start()
         assert reaches(lambda: batcher.running_batches == 1)  # the first request is running

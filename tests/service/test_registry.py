@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.artifact import load_manifest
-from service.complexity import png_bits_per_dim
+from models.scores import png_bits_per_dim
 from tests.service.helpers import (
     GREY_MODEL,
     RGB_MODEL,

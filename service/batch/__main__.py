@@ -1,0 +1,3 @@
+from service.batch.cli import main
+
+raise SystemExit(main())
