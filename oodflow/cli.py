@@ -128,19 +128,42 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_build_defaults(args: argparse.Namespace) -> int:
-    from training.pipeline import build_defaults
+def _cmd_build(args: argparse.Namespace) -> int:
+    from training.build import DEFAULT_MINUTES, build
 
-    built = build_defaults(
+    build(
+        args.data,
+        repository=_repository(args.repository),
+        name=args.name,
+        test=args.test,
+        ood=args.ood or [],
+        minutes=DEFAULT_MINUTES if args.minutes is None else args.minutes,
+        device=args.device,
+        pixel=not args.no_pixel,
+        runs_dir=Path(args.runs_dir),
+        force=args.force,
+        progress=not args.no_progress,
+        profile=args.profile,
+    )
+    return 0
+
+
+def _cmd_build_defaults(args: argparse.Namespace) -> int:
+    from training.pipeline import DEFAULT_BUILD_MINUTES, build_defaults
+
+    result = build_defaults(
         _repository(args.repository),
         runs_dir=Path(args.runs_dir),
         device=args.device,
         progress=not args.no_progress,
         force=args.force,
+        minutes=DEFAULT_BUILD_MINUTES if args.minutes is None else args.minutes,
     )
-    for name, info in built.items():
-        detail = info if isinstance(info, str) else f"{info['path']} ({info['seconds']} s)"
-        print(f"{name}: {detail}")
+    if result.skipped:
+        print(
+            f"{', '.join(result.models)} and ensemble {result.name}: already built and verified in "
+            f"{result.repository} (--force rebuilds)"
+        )
     return 0
 
 
@@ -195,6 +218,48 @@ def _cmd_score_batch(args: argparse.Namespace) -> int:
     return main_score_batch(args)
 
 
+def _cmd_ensemble_create(args: argparse.Namespace) -> int:
+    from oodflow.ensemble import create_ensemble
+
+    path, manifest = create_ensemble(
+        _repository(args.repository),
+        args.name,
+        args.member,
+        data=args.data,
+        rule=args.rule,
+        target_fpr=args.target_fpr,
+        limit=args.limit,
+        seed=args.seed,
+        description=args.description or "",
+        force=args.force,
+        device=args.device,
+    )
+    cal = manifest.calibration
+    members = ", ".join(f"{m.name} v{m.version} ({m.kind}/{m.statistic})" for m in manifest.members)
+    print(f"{path}: {manifest.rule} over {members}")
+    print(
+        f"  threshold {cal.threshold:.4f} at target FPR {cal.target_fpr:.1%} on {cal.validation_size} "
+        f"in-distribution images (observed {cal.validation_fpr:.2%}); data: {cal.validation_set}"
+    )
+    return 0
+
+
+def _cmd_ensemble_list(args: argparse.Namespace) -> int:
+    from oodflow.ensemble import list_ensembles
+
+    repository = _repository(args.repository)
+    ensembles = list_ensembles(repository, device=args.device)
+    if not ensembles:
+        print(f"no ensembles under {repository / '_ensembles'}")
+    for ens in ensembles:
+        m = ens.manifest
+        members = "" if m is None else ", ".join(f"{k.name} v{k.version}" for k in m.members)
+        detail = "" if m is None else f" {m.rule} over {members}; threshold {m.calibration.threshold:.4f}"
+        reason = f" ({ens.reason})" if ens.reason else ""
+        print(f"{ens.name}: {ens.status}{reason}{detail}")
+    return 0
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from training.benchmark import run_benchmark
     from training.benchmark.report import write_report
@@ -247,6 +312,17 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build_args(p: argparse.ArgumentParser, minutes: str) -> None:
+    p.add_argument(
+        "--repository", help="model repository (default: $OODFLOW_MODEL_REPOSITORY or ./model-repository)"
+    )
+    p.add_argument("--minutes", type=float, help=f"time budget for the whole build (default {minutes})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--runs-dir", default="runs", help="run folders (checkpoints, scores, build report)")
+    p.add_argument("--force", action="store_true", help="build new versions even if the models exist")
+    p.add_argument("--no-progress", action="store_true", help="plain stage lines instead of a progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oodflow", description="OOD scoring with normalizing flows")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,12 +365,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="version number (default: next free)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("build-defaults", help="train, calibrate, evaluate and export the default models")
-    p.add_argument("--repository")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--force", action="store_true", help="rebuild even if a verified version exists")
-    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser(
+        "build",
+        help="any dataset spec -> pixel + embedding flows and their ensemble, calibrated, evaluated, exported",
+        description="Build a served OOD detector from your images: infers the input spec, splits the data, "
+        "trains an embedding flow and a pixel flow within --minutes, calibrates, evaluates on --ood sets, "
+        "exports both into the repository with their ensemble, and prints the curl line that scores an image.",
+    )
+    p.add_argument(
+        "data", help="in-distribution images: folder:DIR, npz:FILE, a bare path, or a built-in set"
+    )
+    p.add_argument(
+        "--name", help="model name prefix: NAME-pixel, NAME-embedding, ensemble NAME (default: from DATA)"
+    )
+    p.add_argument("--test", help="test set spec (default: a test split held out of DATA)")
+    p.add_argument(
+        "--ood", action="append", metavar="SPEC", help="OOD set to evaluate on (repeatable; optional)"
+    )
+    _add_build_args(p, "8")
+    p.add_argument("--no-pixel", action="store_true", help="only the embedding flow (no ensemble)")
+    # Tiny models for tests and smoke runs: the same code path, smaller configs.
+    p.add_argument("--profile", choices=["default", "tiny"], default="default", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser(
+        "build-defaults",
+        help="`oodflow build` on Fashion-MNIST: fmnist-pixel, fmnist-embedding, ensemble fmnist (test "
+        "fashion-mnist:test, OOD mnist); skips them when already built",
+    )
+    _add_build_args(p, "14")
     p.set_defaults(func=_cmd_build_defaults)
 
     p = sub.add_parser("reproduce", help="the paper's Sections 7-8 comparison, Fashion-MNIST vs MNIST")
@@ -387,6 +486,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_serve_arguments(sub.add_parser("serve", help="serve the model repository over HTTP"))
     p.set_defaults(func=_cmd_serve)
+
+    ensemble = sub.add_parser(
+        "ensemble", help="combined verdicts over served models that share an input (create, list)"
+    )
+    verbs = ensemble.add_subparsers(dest="ensemble_command", required=True)
+    p = verbs.add_parser(
+        "create",
+        help="calibrate a combined verdict over two or more served models",
+        description="Combine served models that take the same input into <repository>/_ensembles/NAME.json. "
+        "The threshold is set on in-distribution images disjoint from every member's calibration images: "
+        "by default the members' combination split (rebuilt from their manifests and checked pixel for "
+        "pixel); --data is required when a member's calibration images cannot be rebuilt.",
+    )
+    p.add_argument("name", help="ensemble name (lowercase letters, digits, '.', '_', '-')")
+    p.add_argument(
+        "--member", action="append", required=True, help="served model, 'name' or 'name:version' (repeat)"
+    )
+    p.add_argument(
+        "--data",
+        help="dataset spec of in-distribution calibration images (default: the members' combination split); "
+        "images equal to a member's calibration image are dropped",
+    )
+    p.add_argument("--rule", choices=["fisher", "min_p"], default="fisher", help="p-value combination rule")
+    p.add_argument("--target-fpr", type=float, default=0.05, help="in-distribution images flagged (default 0.05)")
+    p.add_argument("--limit", type=int, help="use a seeded random sample of this many calibration images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--description")
+    p.add_argument("--force", action="store_true", help="replace an existing ensemble of that name")
+    p.add_argument("--repository", help="model repository (OODFLOW_MODEL_REPOSITORY, ./model-repository)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_ensemble_create)
+    p = verbs.add_parser("list", help="every ensemble, its members and status (valid / stale + reason)")
+    p.add_argument("--repository", help="model repository (OODFLOW_MODEL_REPOSITORY, ./model-repository)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_ensemble_list)
     return parser
 
 

@@ -212,10 +212,40 @@ def _markdown(run: Run, results: dict[str, Any], calibration: dict[str, Any]) ->
         f"set on {calibration['validation_size']} held-out in-distribution images at target FPR "
         f"{calibration['target_fpr']:.0%}; {idd['flagged_fraction']:.1%} of the test set is flagged",
         f"- convention: {results['convention']}",
-        "",
-        "| OOD set | n | AUROC | AUPR-In | AUPR-Out | FPR@95%TPR | mean bits/dim | flagged at threshold |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    selection = calibration.get("selection")
+    used = [results["in_distribution"]["dataset"], *(m["dataset"] for m in results["ood"])]
+    lines.append(
+        f"- choices: the statistic `{calibration['statistic']}` was "
+        + (
+            "chosen on in-distribution validation data and OOD proxies made from it ("
+            + ", ".join(
+                str(x.get("name", x)) if isinstance(x, dict) else str(x) for x in selection.get("proxies", [])
+            )
+            + ") by the rule recorded in calibration.json and the manifest"
+            if isinstance(selection, dict) and selection.get("by") == "selection"
+            else "chosen by the user (oodflow calibrate --statistic)"
+            if isinstance(selection, dict) and selection.get("by") == "user"
+            else "fixed in the run config"
+        )
+        + "; the threshold was set on the calibration split; the evaluation sets ("
+        + ", ".join(f"`{u}`" for u in used)
+        + ") played no part in any choice"
+    )
+    if not results["ood"]:
+        lines += [
+            "",
+            "No OOD set was given, so there are no OOD metrics: the flagged fraction above is the "
+            "realised false-positive rate on held-out in-distribution images. Evaluate on sets you "
+            "expect to be rejected with `oodflow evaluate RUN --ood SPEC` or `oodflow build ... --ood SPEC`.",
+            "",
+        ]
+    else:
+        lines += [
+            "",
+            "| OOD set | n | AUROC | AUPR-In | AUPR-Out | FPR@95%TPR | mean bits/dim | flagged at threshold |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for m in results["ood"]:
         lines.append(
             f"| {m['dataset']} | {m['size']} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | {m['aupr_out']:.4f} | "
@@ -275,7 +305,7 @@ def _markdown(run: Run, results: dict[str, Any], calibration: dict[str, Any]) ->
         "",
         "![ood score per dataset](histogram_ood_score.png)",
         "",
-        "![ROC curves](roc.png)",
-        "",
     ]
+    if results["ood"]:
+        lines += ["![ROC curves](roc.png)", ""]
     return "\n".join(lines)

@@ -62,15 +62,31 @@ class Splits:
     combination: ImageSet | None = None
 
 
-def load_splits(config: RunConfig, *, with_eval_sets: bool = True) -> Splits:
+def load_splits(
+    config: RunConfig,
+    *,
+    with_eval_sets: bool = True,
+    datasets: dict[tuple[Any, ...], ImageSet] | None = None,
+) -> Splits:
     """The splits of `config.data`, every image conformed to the model's input shape.
 
     Deterministic in `data.seed`: `calibration_size` images are held out (then halved into
     calibration and combination); with no test set, as many again are held out as the test
-    split; validation is `train.validation_size` (at most a fifth) of the rest.
+    split; validation is `train.validation_size` (at most a fifth) of the rest. `datasets`, when
+    given, memoises the loaded datasets across calls (two models built on the same data).
     """
     data, shape = config.data, config.model.input_shape
-    full = load_dataset(data.in_distribution, shape=shape)
+
+    def load(spec: str, limit: int | None = None) -> ImageSet:
+        key = (spec, tuple(shape), limit, data.seed)
+        if datasets is not None and key in datasets:
+            return datasets[key]
+        loaded = load_dataset(spec, shape=shape, limit=limit, seed=data.seed)
+        if datasets is not None:
+            datasets[key] = loaded
+        return loaded
+
+    full = load(data.in_distribution)
     fit_idx, held_idx = split_train_calibration(len(full), data.calibration_size, data.seed)
     rng = np.random.default_rng(data.seed + 1)
     fit_idx = rng.permutation(fit_idx)
@@ -94,9 +110,9 @@ def load_splits(config: RunConfig, *, with_eval_sets: bool = True) -> Splits:
     )
     if with_eval_sets:
         if data.test_set is not None:
-            splits.test = load_dataset(data.test_set, shape=shape, limit=data.test_limit, seed=data.seed)
+            splits.test = load(data.test_set, data.test_limit)
         for name in data.ood_sets:
-            splits.ood[name] = load_dataset(name, shape=shape, limit=data.ood_limit, seed=data.seed)
+            splits.ood[name] = load(name, data.ood_limit)
     return splits
 
 

@@ -232,3 +232,76 @@ def test_cli_errors_are_one_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(bad) in err
     assert main(["calibrate", str(tmp_path / "missing")]) == 2
+
+
+def test_every_dataset_spec_works_as_ood_on_an_embedding_run(
+    quick_repository: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--ood folder:DIR` and `--ood npz:FILE` on an embedding run: the spec must not end up in a
+    feature-cache file name (issue 10 §4), and the same folder and npz score in score-batch."""
+    import shutil
+
+    from PIL import Image
+
+    run = tmp_path / "run"
+    shutil.copytree(quick_repository["fmnist-embedding-quick:run"], run)
+    digits = load_dataset("mnist", limit=40, seed=3).images
+    folder = tmp_path / "some dir" / "digits"
+    for i, image in enumerate(digits[:20]):
+        (folder / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0]).save(folder / str(i % 2) / f"{i}.png")
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, images=digits[20:, 0])
+    specs = [f"folder:{folder}", f"npz:{npz}", "sklearn-digits"]
+    assert main(["evaluate", str(run), *sum((["--ood", s] for s in specs), [])]) == 0
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert [m["dataset"] for m in metrics["ood"]] == specs
+    assert [m["size"] for m in metrics["ood"]][:2] == [20, 20]
+    names = [p.name for p in (run / "features").iterdir()]
+    assert all(":" not in n and "/" not in n for n in names) and len(names) >= 5
+    # the same specs in score-batch
+    out = tmp_path / "scores.csv"
+    model = verify_artifact(quick_repository["fmnist-embedding-quick"]).name
+    code = main(
+        [
+            "score-batch",
+            f"folder:{folder}",
+            f"npz:{npz}",
+            "--model",
+            model,
+            "--repository",
+            str(quick_repository["repository"]),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert len(out.read_text().strip().splitlines()) == 1 + 40
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text"),
+    [
+        (".toml", 'base = "fmnist-pixel-realnvp-quick"\n[data]\ntest_set = "held-out"\n'),
+        (".yaml", "base: fmnist-pixel-realnvp-quick\ndata:\n  test_set: null\n"),
+        (".yaml", "base: fmnist-pixel-realnvp-quick\ndata:\n  test_set: held-out\n"),
+    ],
+)
+def test_test_set_is_optional_in_config_files(tmp_path: Path, suffix: str, text: str) -> None:
+    from training.runs import load_splits
+
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    config = load_run_config(str(path))
+    assert config.data.test_set is None
+    splits = load_splits(config)
+    assert splits.test is not None and splits.combination is not None
+    # held-out test, calibration and combination splits: disjoint from each other and from training
+    names = ("train", "validation", "calibration", "combination", "test")
+    pixels = {n: {image.tobytes() for image in getattr(splits, n).images} for n in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not pixels[a] & pixels[b], (a, b)
+    assert len(splits.calibration) + len(splits.combination) == config.data.calibration_size
+    assert len(splits.test) == config.data.calibration_size
