@@ -291,13 +291,6 @@ def _data_config(
     )
 
 
-def _statistic() -> str:
-    """The pixel flow's statistic: chosen on proxies (`auto`) once training.selection exists."""
-    import importlib.util
-
-    return "auto" if importlib.util.find_spec("training.selection") is not None else "complexity"
-
-
 def _configs(
     name: str,
     spec: str,
@@ -343,7 +336,8 @@ def _configs(
             log_every=5 if tiny else 20,
             validation_size=64 if tiny else 1000,
         ),
-        calibration=CalibrationConfig(statistic=_statistic()),  # type: ignore[arg-type]
+        # chosen on validation data and OOD proxies only (training.selection), never on --ood sets
+        calibration=CalibrationConfig(statistic="auto"),
     )
     return embedding, pixel
 

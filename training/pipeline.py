@@ -104,6 +104,7 @@ def _manifest(run: Run, name: str, version: int) -> Manifest:
             description=_STATISTIC_TEXT.get(calibration["statistic"], calibration["statistic"]),
             complexity=ComplexitySpec(**calibration["complexity"]) if "complexity" in calibration else None,
             background=BackgroundSpec(**calibration["background"]) if "background" in calibration else None,
+            selection=calibration.get("selection"),
         ),
         calibration=Calibration(
             target_fpr=calibration["target_fpr"],
