@@ -24,7 +24,7 @@ from service.auth import add_security_to_openapi
 from service.core import ScorerWrapper
 from service.errors import install_error_handlers
 from service.logs import RequestContextMiddleware, configure_logging
-from service.routes import health, v1, v2
+from service.routes import drift, health, v1, v2
 from service.schemas import ArrayBody, ImagesBody, InferRequest
 from service.settings import Settings
 from service.state import ServiceState, registry_for
@@ -61,7 +61,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings | None = None, *, wrap_scorer: ScorerWrapper | None = None) -> FastAPI:
     """The FastAPI app. `wrap_scorer(name, scorer) -> scorer` lets tests slow a model down."""
     settings = settings or Settings()
-    state = ServiceState(settings, registry_for(settings, wrap_scorer), api_keys=settings.resolved_api_keys())
+    state = ServiceState(
+        settings,
+        registry_for(settings, wrap_scorer),
+        api_keys=settings.resolved_api_keys(),
+        admin_api_keys=settings.resolved_admin_api_keys(),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,6 +87,7 @@ def create_app(settings: Settings | None = None, *, wrap_scorer: ScorerWrapper |
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health.router)
     app.include_router(v1.router)
+    app.include_router(drift.router)
     app.include_router(v2.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

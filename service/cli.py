@@ -26,6 +26,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="(OODFLOW_LOG_LEVEL)"
     )
+    parser.add_argument(
+        "--admin-key", action="append", help="admin API key, repeatable (OODFLOW_ADMIN_API_KEYS)"
+    )
+    parser.add_argument(
+        "--drift-run-length",
+        type=float,
+        help="online drift: images to a false alarm without drift (OODFLOW_DRIFT_RUN_LENGTH, 10000)",
+    )
     return parser
 
 
@@ -38,6 +46,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "runtime": getattr(args, "runtime", None),
         "device": getattr(args, "device", None),
         "log_level": getattr(args, "log_level", None),
+        "admin_api_keys": getattr(args, "admin_key", None),
+        "drift_run_length": getattr(args, "drift_run_length", None),
     }
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 

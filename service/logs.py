@@ -109,7 +109,7 @@ class RequestContextMiddleware:
         try:
             refusal = None
             if state.api_keys and needs_key(path, state.settings):
-                refusal = check_api_key(scope["headers"], state.api_keys)
+                refusal = check_api_key(scope["headers"], state.api_keys + state.admin_api_keys)
             if refusal is not None:
                 headers = {"WWW-Authenticate": 'Bearer realm="oodflow"'}
                 response = error_response(401, "unauthorized", refusal, headers, path)

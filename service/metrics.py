@@ -7,6 +7,7 @@
 - `oodflow_queue_images{model}`: images waiting for a batch
 - `oodflow_bits_per_dim{model}` and `oodflow_verdicts_total{model, verdict}`: score drift on a dashboard
 - `oodflow_model_ready{model}`: 1 when the model serves
+- `oodflow_drift_*{model, kind}`: the online drift detectors, read at scrape time (`service.drift`)
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from service.drift import DriftCollector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -61,6 +64,8 @@ class Metrics:
             "oodflow_verdicts", "OOD verdicts of scored images", ["model", "verdict"], registry=r
         )
         self.model_ready = Gauge("oodflow_model_ready", "1 when the model serves", ["model"], registry=r)
+        self.drift = DriftCollector()  # its monitor is set by ServiceState
+        r.register(self.drift)
 
         self._children: dict[tuple[Any, ...], Any] = {}
 

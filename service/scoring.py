@@ -79,9 +79,11 @@ def _needs_pool(batch: DecodedBatch, model: LoadedModel) -> bool:
 
 
 async def score_model(
-    state: ServiceState, served: ServedModel, batch: DecodedBatch, resize: bool
+    state: ServiceState, served: ServedModel, batch: DecodedBatch, resize: bool, *, observe: bool = True
 ) -> ModelOutcome:
-    """Fit the images to one model, queue them on its batcher, and score the outputs."""
+    """Fit the images to one model, queue them on its batcher, and score the outputs. `observe`:
+    feed the p-values to the model's online drift detector (served traffic; the drift test's own
+    batches do not)."""
     model, batcher = state.require_ready(served)
     start = time.perf_counter()
     if _needs_pool(batch, model):
@@ -105,4 +107,7 @@ async def score_model(
         ) from exc
     scores = model.scores(outputs, bits)
     state.metrics.scores(served.name, scores.bits_per_dim, scores.is_ood)
+    if observe:
+        reference_size = int(model.reference_sorted.size)
+        state.drift.observe("model", served.name, model, reference_size, scores.p_value, scores.is_ood)
     return ModelOutcome(served, model.manifest, scores, fitted.resized)

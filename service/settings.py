@@ -78,6 +78,19 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(
         default=None, description="file with one API key per line ('#' comments)"
     )
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="keys for admin actions (drift reset), separate from the scoring keys; "
+        "an admin key is also accepted wherever a scoring key is",
+    )
+    drift_run_length: float = Field(
+        default=10_000.0,
+        ge=100.0,
+        description="online drift detectors: images to a false alarm without drift, on average",
+    )
+    drift_window: int = Field(
+        default=1000, ge=1, description="images in the drift detectors' windowed OOD rate"
+    )
     protect_health_and_metrics: bool = Field(
         default=False, description="require a key for /healthz, /readyz, /metrics and /v2/health too"
     )
@@ -88,7 +101,7 @@ class Settings(BaseSettings):
         default=30.0, gt=0.0, description="grace for in-flight requests on SIGTERM"
     )
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -116,3 +129,7 @@ class Settings(BaseSettings):
                 if line and not line.startswith("#"):
                     keys.append(line)
         return [k.encode() for k in keys if k]
+
+    def resolved_admin_api_keys(self) -> list[bytes]:
+        """The admin keys, as bytes for `hmac.compare_digest`."""
+        return [k.get_secret_value().encode() for k in self.admin_api_keys if k.get_secret_value()]

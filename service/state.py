@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from service.batcher import Batcher
 from service.core import LoadedModel, LoadOptions, Registry, ScorerWrapper, ServedModel
+from service.core.drift import DriftMonitor
 from service.errors import ModelUnavailable, NotReady
 from service.metrics import Metrics
 from service.settings import Settings
@@ -39,11 +40,18 @@ class ServiceState:
     registry: Registry
     metrics: Metrics = field(default_factory=Metrics)
     api_keys: list[bytes] = field(default_factory=list)
+    admin_api_keys: list[bytes] = field(default_factory=list)
+    drift: DriftMonitor = field(init=False)
     decode_pool: ThreadPoolExecutor | None = None
     batchers: dict[str, Batcher] = field(default_factory=dict)
     loaded: bool = False
     draining: bool = False
     _loading: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        # One online drift detector per model and ensemble (service.core.drift), read by /metrics.
+        self.drift = DriftMonitor(self.settings.drift_run_length, window=self.settings.drift_window)
+        self.metrics.drift.monitor = self.drift
 
     def require_ready(self, served: ServedModel) -> tuple[LoadedModel, Batcher]:
         """The loaded model and batcher of a model that serves, or 503 saying why it does not."""

@@ -514,7 +514,7 @@ class OnlineDriftDetector:
                 sl = sl + w if lo else max(0, sl - 1)
                 seen += 1
                 if alarm_at is None and (su >= h or sl >= h):
-                    alarm_at, alarm_tail = seen, ("upper" if su >= h else "lower")
+                    alarm_at, alarm_tail = seen, ("upper_tail" if su >= h else "lower_tail")
             self._upper, self._lower, self._images = su, sl, seen
             self._alarm_at, self._alarm_tail = alarm_at, alarm_tail
             self._push_window(flags)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from service.core import ServedEnsemble, ServedModel
+from service.core.drift import DriftMonitor
 from service.core.ensembles import combine, select_ensemble
 from service.errors import NotReady
 from service.parsing import parse_score_body
@@ -116,15 +117,21 @@ def ensemble_summary(ens: ServedEnsemble) -> dict[str, Any]:
 
 
 def combined_block(
-    ensembles: Iterable[ServedEnsemble], outcomes: Sequence[ModelOutcome]
+    ensembles: Iterable[ServedEnsemble],
+    outcomes: Sequence[ModelOutcome],
+    drift: DriftMonitor | None = None,
 ) -> dict[str, Any] | None:
-    """The `combined` field of a `/v1/score` response, or None when no valid ensemble applies."""
+    """The `combined` field of a `/v1/score` response, or None when no valid ensemble applies.
+    `drift`: the monitor whose ensemble detector the combined p-values feed."""
     ens = select_ensemble(ensembles, {o.manifest.name: o.manifest.version for o in outcomes})
     if ens is None:
         return None
     manifest = ens.manifest
     assert manifest is not None
     verdict = combine(ens, {o.manifest.name: o.scores.p_value for o in outcomes})
+    if drift is not None and ens.reference_sorted is not None:
+        reference = ens.reference_sorted  # re-resolving the ensemble replaces it: a fresh detector
+        drift.observe("ensemble", ens.name, reference, int(reference.size), verdict.p_value, verdict.is_ood)
     return {
         "ensemble": ens.name,
         "rule": manifest.rule,
@@ -261,5 +268,5 @@ async def score_many(
         return list(await asyncio.gather(*(score_model(state, m, batch, resize) for m in served)))
 
     outcomes = await unless_disconnected(request, work())
-    combined = combined_block(state.registry.ensembles.values(), outcomes)
+    combined = combined_block(state.registry.ensembles.values(), outcomes, state.drift)
     return json_response({"models": [to_v1(o) for o in outcomes], "combined": combined})
