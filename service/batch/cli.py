@@ -78,6 +78,17 @@ def main_score_batch(args: argparse.Namespace) -> int:
     for name, e in result["ensembles"].items():
         reason = f": {e['reason']}" if e["reason"] else ""
         print(f"  ensemble {name}: {e['status']}{reason}")
+    for model, d in result.get("drift", {}).items():
+        if "skipped" in d:
+            print(f"  drift {model}: not tested ({d['skipped']})")
+            continue
+        low, high = d["ood_rate_interval"]
+        parts = ", ".join(f"{c['name']} {c['p_value']:.3g}" for c in d["components"])
+        print(
+            f"  drift {model}: p-value {d['p_value']:.3g} that the input is in-distribution "
+            f"({d['method']}: {parts}); OOD rate {d['ood_rate']:.1%} [{low:.1%}, {high:.1%}] "
+            f"at {d['confidence']:.0%}"
+        )
     return 0
 
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from service.batch.drift import drift_tests
 from service.batch.inputs import enumerate_inputs
 from service.batch.local import run_local
 from service.batch.output import (
@@ -62,9 +63,11 @@ def score_batch(
     """Score every image of `inputs` with each model into `output`; resumes a previous run.
 
     Returns `{"output", "pending", "seconds", "images_per_s", "models": {name: {images, scored,
-    errors, ood, ood_rate}}, "ensembles": {name: {status, reason}}}` (`pending`: images scored by
+    errors, ood, ood_rate}}, "ensembles": {name: {status, reason}}, "drift": {model: batch drift
+    test}}` (`pending`: images scored by
     this run, the rest were already done; `ensembles`: every ensemble manifest of the repository,
-    `valid`, `stale` or `failed` with the reason, as `GET /v1/models` lists them).
+    `valid`, `stale` or `failed` with the reason, as `GET /v1/models` lists them; `drift`: the test of
+    `POST /v1/models/{name}/drift` over the whole output, per model and combined row set).
     """
     if not models:
         raise ValueError("name at least one model (--model NAME)")
@@ -141,4 +144,5 @@ def score_batch(
         "images_per_s": pending.num_rows / seconds if pending.num_rows and seconds > 0 else None,
         "models": summarise(result),
         "ensembles": {e.name: {"status": e.status, "reason": e.reason} for e in registry.ensembles.values()},
+        "drift": drift_tests(result, registry),
     }

@@ -448,3 +448,24 @@ def test_http_reload_resets_the_detector(drift_server: Server) -> None:
     entry = state.registry.models[TWIN]
     state.registry.load(entry)  # a reload: a new LoadedModel for the same name
     assert client.get(f"/v1/models/{TWIN}/drift").json()["images"] == 0
+
+
+def test_score_batch_prints_the_endpoints_test(
+    drift_server: Server, drift_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`oodflow score-batch` tests the whole input exactly as the HTTP endpoints test a batch."""
+    from service.batch.cli import main
+
+    images = np.concatenate([_in_distribution(40, 30), _noise(6, 7)])
+    np.savez(tmp_path / "input.npz", images=images)
+    args = [str(tmp_path / "input.npz"), "--model", GREY_MODEL, "--model", TWIN]
+    args += ["--repository", str(drift_repository), "--output", str(tmp_path / "out.csv"), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    client = drift_server.client
+    model = client.post(f"/v1/models/{GREY_MODEL}/drift", json=_array_body(images)).json()
+    ensemble = client.post(f"/v1/ensembles/{ENSEMBLE}/drift", json=_array_body(images)).json()
+    assert model["p_value"] < 0.01 and ensemble["p_value"] < 0.01
+    assert f"drift {GREY_MODEL}: p-value {model['p_value']:.3g} " in out, out
+    assert f"drift combined:{ENSEMBLE}: p-value {ensemble['p_value']:.3g} " in out, out
+    assert f"OOD rate {model['ood_rate']:.1%}" in out
