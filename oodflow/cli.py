@@ -506,10 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         help="dataset spec of in-distribution calibration images (default: the members' combination split); "
-        "images equal to a member's calibration image are dropped",
+        "images equal to one of a member's calibration, training or validation images are dropped",
     )
     p.add_argument("--rule", choices=["fisher", "min_p"], default="fisher", help="p-value combination rule")
-    p.add_argument("--target-fpr", type=float, default=0.05, help="in-distribution images flagged (default 0.05)")
+    p.add_argument(
+        "--target-fpr", type=float, default=0.05, help="in-distribution images flagged (default 0.05)"
+    )
     p.add_argument("--limit", type=int, help="use a seeded random sample of this many calibration images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--description")
