@@ -88,8 +88,10 @@ DEFAULT_MINUTES = 8.0
 Profile = Literal["default", "tiny"]
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,50}$")
 _GREY_MODES = frozenset({"1", "L", "LA", "I;16", "I;16B", "I;16L", "I"})
-# Seconds, refined by nothing: ONNX + TorchScript export and the parity check of each model.
-_EXPORT_SECONDS = {"pixel": 20.0, "embedding": 45.0}
+# Seconds on the 2-core CPU (measured, with margin): ONNX + TorchScript export and the parity check
+# of each model; the report's PNG figures per model.
+_EXPORT_SECONDS = {"pixel": 10.0, "embedding": 20.0}
+_REPORT_SECONDS = 8.0
 
 
 class BuildError(ValueError):
@@ -661,7 +663,14 @@ def _build(
         probe = _probe(pixel_cfg if with_pixel else None, embedding_cfg, dev)
     pixel_steps = nominal_steps
     n_pixel_eval = 0
-    fixed = loaded_s + n_features / probe.feature_img_s + _EXPORT_SECONDS["embedding"] + 5.0
+    configs_kinds = ["embedding", "pixel"] if with_pixel else ["embedding"]
+    fixed = (
+        loaded_s
+        + n_features / probe.feature_img_s
+        + _EXPORT_SECONDS["embedding"]
+        + _REPORT_SECONDS * len(configs_kinds)
+        + 5.0
+    )
     if with_pixel:
         n_pixel_eval = n_eval + 5 * len(splits["pixel"].validation)  # + proxies of the selection
         fixed += n_pixel_eval / probe.pixel_eval_img_s + _EXPORT_SECONDS["pixel"]
@@ -705,7 +714,9 @@ def _build(
     )
     plan["evaluate"] = (
         "evaluate" + (f" on {', '.join(ood)}" if ood else " (no OOD set given)"),
-        5.0 + n_feat_est * 0.4 + (n_pixel_eval / probe.pixel_eval_img_s * 0.4 if with_pixel else 0.0),
+        _REPORT_SECONDS * len(configs_kinds)
+        + n_feat_est * 0.4
+        + (n_pixel_eval / probe.pixel_eval_img_s * 0.4 if with_pixel else 0.0),
     )
     plan["export"] = (
         "export" + (" and combine" if with_pixel else ""),
