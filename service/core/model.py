@@ -7,8 +7,9 @@ in-distribution reference scores, `is_ood = ood_score > threshold`.
 Checks made by `load_model`, in order: the manifest validates and every listed file matches its
 sha256 (`models.artifact.verify_artifact`); the manifest's name is the expected one; the graph
 loads on the runtime and device, takes `images` at the manifest's input shape and has the outputs
-the score statistic needs; warm-up batches give finite `(N,)` outputs. Any failure raises
-`ModelLoadError` with a one-line reason.
+the score statistic needs; for input complexity, this machine's PNG encoder gives the lengths
+the manifest's compressor canary recorded (`models.scores.complexity_canary_mismatch`); warm-up
+batches give finite `(N,)` outputs. Any failure raises `ModelLoadError` with a one-line reason.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from models.artifact import (
     Manifest,
     verify_artifact,
 )
-from models.scores import ood_score, p_value, png_bits_per_dim
+from models.scores import complexity_canary_mismatch, ood_score, p_value, png_bits_per_dim
 from service.core.runtime import Device, RuntimeName, Scorer, load_scorer
 
 __all__ = [
@@ -190,6 +191,11 @@ def load_model(
         raise ModelLoadError(
             f"manifest names model '{manifest.name}' but it lies in folder '{expected_name}'"
         )
+    complexity = manifest.score.complexity
+    if manifest.score.statistic == "complexity" and complexity is not None:
+        mismatch = complexity_canary_mismatch(complexity.canary)
+        if mismatch is not None:
+            raise ModelLoadError(mismatch)
     try:
         scorer = load_scorer(path, runtime, device, intra_op_threads, allow_spinning)
         if wrap_scorer is not None:

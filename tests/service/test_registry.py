@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.artifact import load_manifest
-from models.scores import png_bits_per_dim
+from models.artifact import ComplexitySpec, load_manifest
+from models.scores import complexity_canary, png_bits_per_dim
 from tests.service.helpers import (
     GREY_MODEL,
     RGB_MODEL,
@@ -32,8 +32,28 @@ def mixed(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     data[len(data) // 2] ^= 0xFF  # one flipped byte after export
     (tampered / "model.onnx").write_bytes(bytes(data))
     copy_artifact(artifacts[GREY_MODEL], repository, "ratio", statistic="likelihood_ratio")
-    complexity = copy_artifact(artifacts[GREY_MODEL], repository, "complexity", statistic="complexity")
+    canary = complexity_canary()
+    complexity = copy_artifact(
+        artifacts[GREY_MODEL],
+        repository,
+        "complexity",
+        statistic="complexity",
+        complexity=ComplexitySpec(canary=canary),
+    )
     assert load_manifest(complexity).score.statistic == "complexity"
+    # Calibrated where the PNG encoder wrote one byte more for the busy texture: another zlib.
+    doctored = {
+        **canary,
+        "png_bytes": [n + (i == 2) for i, n in enumerate(canary["png_bytes"])],
+        "zlib": "9.9",
+    }
+    copy_artifact(
+        artifacts[GREY_MODEL],
+        repository,
+        "other-zlib",
+        statistic="complexity",
+        complexity=ComplexitySpec(canary=doctored),
+    )
     misnamed = copy_artifact(artifacts[RGB_MODEL], repository, "misnamed")
     (misnamed.parent.parent / "renamed").mkdir()
     misnamed.rename(misnamed.parent.parent / "renamed" / "1")
@@ -46,7 +66,7 @@ def test_tampered_and_unservable_models_are_refused_while_others_serve(
     mixed: Server, grey_images: np.ndarray
 ) -> None:
     models = {m["name"]: m for m in mixed.client.get("/v1/models").json()["models"]}
-    assert set(models) == {GREY_MODEL, "tampered", "ratio", "complexity", "renamed"}
+    assert set(models) == {GREY_MODEL, "tampered", "ratio", "complexity", "other-zlib", "renamed"}
     assert models[GREY_MODEL]["status"] == "ready"
     assert models["complexity"]["status"] == "ready"
     assert models["tampered"]["status"] == "failed"
@@ -54,10 +74,16 @@ def test_tampered_and_unservable_models_are_refused_while_others_serve(
     assert models["ratio"]["status"] == "failed"
     assert "background_log_likelihood" in models["ratio"]["reason"]
     assert models["renamed"]["status"] == "failed" and "misnamed" in models["renamed"]["reason"]
+    assert models["other-zlib"]["status"] == "failed"
+    assert (
+        "compressor differs" in models["other-zlib"]["reason"]
+        and "zlib 9.9" in models["other-zlib"]["reason"]
+    )
 
     ready = mixed.client.get("/readyz")
     assert ready.status_code == 503
     assert set(ready.json()["models"]) == set(models) and "tampered" in ready.json()["error"]["message"]
+    assert "compressor differs" in ready.json()["models"]["other-zlib"]
     assert mixed.client.get("/v2/health/ready").status_code == 503
     assert mixed.client.get("/v2/models/tampered/ready").status_code == 503
 
