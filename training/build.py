@@ -478,6 +478,10 @@ class BuildResult:
     skipped: bool = False
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # stage lines appear as they happen, also in a log file
+
+
 def _default_name(spec: str) -> str:
     folder = _folder_of(spec)
     raw = (
@@ -561,7 +565,7 @@ def build(
     progress: bool = True,
     profile: Profile = "default",
     skip_built: bool = False,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build `<name>-embedding`, `<name>-pixel` and the ensemble `<name>` from dataset spec `data`.
 
@@ -571,6 +575,7 @@ def build(
     input before anything is trained or written to the repository.
     """
     began = time.monotonic()
+    out = out or _say
     repository, runs_dir = Path(repository), Path(runs_dir)
     if not (isinstance(minutes, int | float) and math.isfinite(minutes) and minutes > 0):
         raise BuildError(f"--minutes must be a positive number, got {minutes!r}")
@@ -922,17 +927,23 @@ def _summary(
 
 def _chosen_on(models: dict[str, Any], ood: list[str]) -> str:
     sets = f" ({', '.join(ood)})" if ood else ""
-    selected = [m for m in models.values() if m.get("selection")]
-    if selected:
-        data = selected[0]["selection"].get("data") or selected[0]["selection"].get("proxies")
-        return (
-            f"no --ood set{sets} played a part in any choice: the pixel statistic was chosen on "
-            f"{data if isinstance(data, str) else json.dumps(data, default=str)}; thresholds on the "
-            "calibration splits"
-        )
+    for model in models.values():
+        selection = model.get("selection")
+        if isinstance(selection, dict) and isinstance(selection.get("data"), dict):
+            data = selection["data"]
+            proxies = ", ".join(
+                str(p.get("name", p)) if isinstance(p, dict) else str(p) for p in selection.get("proxies", [])
+            )
+            return (
+                f"no --ood set{sets} played a part in any choice: the pixel statistic "
+                f"({selection.get('chosen')}) was chosen on {data.get('in_distribution')}, "
+                f"{data.get('size')} images, and OOD proxies made from it ({proxies}); thresholds on "
+                "the calibration and combination splits"
+            )
     return (
         f"no --ood set{sets} played a part in any choice: fixed statistics "
-        f"({', '.join(sorted({m['statistic'] for m in models.values()}))}), thresholds on the calibration splits"
+        f"({', '.join(sorted({m['statistic'] for m in models.values()}))}), thresholds on the calibration "
+        "and combination splits"
     )
 
 

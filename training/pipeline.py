@@ -212,7 +212,7 @@ def build_defaults(
     progress: bool = True,
     force: bool = False,
     minutes: float = DEFAULT_BUILD_MINUTES,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """`oodflow build fashion-mnist:train --name fmnist --test fashion-mnist:test --ood mnist`:
     `fmnist-embedding`, `fmnist-pixel` and the ensemble `fmnist`; returns at once (result
