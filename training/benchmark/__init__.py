@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.artifact import Manifest
-from models.scores import combined_verdict
+from service.core.ensembles import ServedEnsemble, combine, resolve_ensembles
 from training.benchmark.graphs import (
     GraphModel,
     Target,
@@ -160,7 +160,7 @@ _ALIASES = {
     "rot180": "rot180", "rotate180": "rot180", "rotation180": "rot180",
     "rot270": "rot270", "rotate270": "rot270", "rotation270": "rot270",
     "transpose": "transpose", "invert": "invert", "inversion": "invert", "contrastinversion": "invert",
-    "negative": "invert", "jigsaw": "jigsaw", "tileshuffle": "jigsaw", "shuffle": "jigsaw",
+    "negative": "invert", "jigsaw": "jigsaw", "tileshuffle": "jigsaw",
 }  # fmt: skip
 
 
@@ -174,12 +174,11 @@ def _proxy_transforms(selection: dict[str, Any]) -> set[str]:
         if isinstance(value, str):
             texts.append(value)
         elif isinstance(value, dict):
-            texts += [str(value[k]) for k in ("name", "transform", "proxy") if k in value]
+            texts += [str(value[k]) for k in ("name", "family", "transform", "proxy") if k in value]
         for text in texts:
             norm = "".join(ch for ch in text.lower() if ch.isalnum())
-            for alias, name in _ALIASES.items():
-                if alias in norm:
-                    found.add(name)
+            if norm in _ALIASES:  # exact names only: 'local-permutation' is not a jigsaw
+                found.add(_ALIASES[norm])
     return found
 
 
@@ -236,20 +235,14 @@ def run_benchmark(
     resolved: Target = resolve_target(target, Path(repository))
     members = [GraphModel(p, device) for p in resolved.member_paths]
     ensemble = resolved.ensemble
+    served: ServedEnsemble | None = None
     if ensemble is not None:
-        for member, model in zip(ensemble.members, members, strict=True):
-            m = model.manifest
-            if (m.name, m.version, m.kind, m.score.statistic) != (
-                member.name,
-                member.version,
-                member.kind,
-                member.statistic,
-            ):
-                raise BenchmarkError(
-                    f"ensemble '{ensemble.name}' is stale: it lists {member.name} v{member.version} "
-                    f"({member.kind}/{member.statistic}), the artifact is {m.name} v{m.version} "
-                    f"({m.kind}/{m.score.statistic})"
-                )
+        # The service's own rule: valid only over members at exactly the listed version, kind, statistic.
+        assert resolved.ensemble_file is not None
+        served = ServedEnsemble(ensemble.name, resolved.ensemble_file, ensemble)
+        resolve_ensembles([served], {m.name: m for m in members})
+        if served.status != "valid":
+            raise BenchmarkError(f"ensemble '{ensemble.name}' is {served.status}: {served.reason}")
     test_set, test_how, in_spec = _in_distribution(members, test, limit, seed)
     symmetry_source = "declared with --symmetries"
     if declared is None:
@@ -294,14 +287,11 @@ def run_benchmark(
             member_p[benchmark_set.name].append(shipped.p_value)
             bar.update(1)
     bar.close()
-    if ensemble is not None:
-        reference = np.asarray(ensemble.calibration.reference_scores, dtype=np.float64)
+    if served is not None:
         for name, ps in member_p.items():
-            combined, _, is_ood = combined_verdict(
-                ps, ensemble.rule, ensemble.calibration.threshold, reference
-            )
-            scores[name][COMBINED] = combined
-            flags[name][COMBINED] = is_ood
+            verdict = combine(served, {m.name: p for m, p in zip(members, ps, strict=True)})
+            scores[name][COMBINED] = verdict.combined_score
+            flags[name][COMBINED] = verdict.is_ood
 
     score_keys = list(scores["test"])
     thresholded = list(flags["test"])

@@ -1,8 +1,8 @@
 """The models a benchmark scores, resolved from a repository and run through their exported graphs.
 
-Scoring goes only through the ONNX graph the service runs (never eager PyTorch), and the scores come
-from the graph outputs and the manifest exactly as the service computes them. Thin adapter over the
-service's scorer and score code; it switches to `service.core.load_model` once that lands.
+Scoring goes only through the ONNX graph the service runs (never eager PyTorch), loaded, verified
+and warmed by the service's scoring core (`service.core.load_model`), and the shipped scores come
+from the core's own arithmetic on the graph outputs (`LoadedModel.scores`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 
 from models.artifact import (
+    BACKGROUND_OUTPUT,
     ArtifactError,
     EnsembleManifest,
     Manifest,
     ensemble_path,
     find_versions,
     load_ensemble,
-    verify_artifact,
 )
 from models.scores import OodStatistic, ood_score, png_bits_per_dim
 from training.data import DatasetError
@@ -34,45 +34,22 @@ class GraphModel:
     """One verified, warmed artifact version and its ONNX graph: `.manifest`, `.run(images)`, `.scores(...)`.
 
     Loaded by the service's scoring core (`service.core.load_model`: sha256 check, graph checks,
-    warm-up); the fallback to the pre-core modules keeps the command working on a tree without it.
+    warm-up); scores by its `LoadedModel.scores`, the service's own arithmetic.
     """
 
+    status = "ready"  # what `service.core.ensembles` reads of a member (loaded, verified, warmed)
+
     def __init__(self, path: Path, device: str = "cpu") -> None:
+        from service.core import ModelLoadError, load_model
+
         self.path = Path(path)
         try:
-            from service.core import load_model
-        except ImportError:
-            load_model = None
-        if load_model is not None:
-            from service.core import ModelLoadError
-
-            try:
-                loaded = load_model(self.path, device=device, warm_batch_sizes=(BATCH_SIZE,))  # type: ignore[arg-type]
-            except ModelLoadError as exc:
-                raise DatasetError(f"{self.path}: {exc}") from None
-            self.manifest: Manifest = loaded.manifest
-            self._run = lambda images: loaded.run(images, BATCH_SIZE)
-            self._scores = loaded.scores
-            self.output_names: tuple[str, ...] = tuple(loaded.scorer.output_names)
-        else:  # pragma: no cover - the tree before service.core
-            from service.runtime import load_scorer  # type: ignore[import-not-found]
-
-            from service.scoring import compute_scores  # type: ignore[attr-defined]
-
-            try:
-                self.manifest = verify_artifact(self.path)
-            except ArtifactError as exc:
-                raise DatasetError(" ".join(str(exc).split())) from None
-            scorer = load_scorer(self.path, "onnx", device)
-            reference = np.asarray(self.manifest.calibration.reference_scores, dtype=np.float64)
-
-            def run(images: np.ndarray) -> dict[str, np.ndarray]:
-                parts = [scorer.run(images[s : s + BATCH_SIZE]) for s in range(0, len(images), BATCH_SIZE)]
-                return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-            self._run = run
-            self._scores = lambda outputs, bits: compute_scores(self.manifest, outputs, bits, reference)
-            self.output_names = tuple(scorer.output_names)
+            loaded = load_model(self.path, device=device, warm_batch_sizes=(BATCH_SIZE,))  # type: ignore[arg-type]
+        except ModelLoadError as exc:
+            raise DatasetError(f"{self.path}: {exc}") from None
+        self.manifest: Manifest = loaded.manifest
+        self._loaded = loaded
+        self.output_names: tuple[str, ...] = tuple(loaded.scorer.output_names)
 
     @property
     def name(self) -> str:
@@ -80,11 +57,12 @@ class GraphModel:
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Graph outputs (float64) for `images: (N, C, H, W) uint8` at the model's input shape."""
-        return {k: np.asarray(v, dtype=np.float64) for k, v in self._run(images).items()}
+        outputs = self._loaded.run(images, BATCH_SIZE)
+        return {k: np.asarray(v, dtype=np.float64) for k, v in outputs.items()}
 
     def scores(self, outputs: dict[str, np.ndarray], complexity_bits: np.ndarray | None) -> Any:
         """The service's Scores (ood_score, p_value, is_ood, threshold) from graph outputs."""
-        return self._scores(outputs, complexity_bits)
+        return self._loaded.scores(outputs, complexity_bits)
 
 
 def member_statistics(manifest: Manifest, output_names: tuple[str, ...]) -> list[OodStatistic]:
@@ -97,7 +75,7 @@ def member_statistics(manifest: Manifest, output_names: tuple[str, ...]) -> list
         out.append("typicality")
     if manifest.kind == "pixel":
         out.append("complexity")
-    if "background_log_likelihood" in output_names:
+    if BACKGROUND_OUTPUT in output_names:
         out.append("likelihood_ratio")
     if manifest.score.statistic not in out:
         out.append(manifest.score.statistic)
@@ -111,7 +89,7 @@ def statistic_scores(
     complexity_bits: np.ndarray | None,
 ) -> np.ndarray:
     """`(N,)` scores of one statistic from graph outputs (formulas of `models.scores.ood_score`)."""
-    background = outputs.get("background_log_likelihood")
+    background = outputs.get(BACKGROUND_OUTPUT)
     return np.asarray(
         ood_score(
             statistic,
@@ -137,6 +115,7 @@ class Target:
     kind: str  # "model" | "ensemble"
     member_paths: tuple[Path, ...]
     ensemble: EnsembleManifest | None = None
+    ensemble_file: Path | None = None
 
 
 def _models_in(repository: Path) -> list[str]:
@@ -178,7 +157,9 @@ def resolve_target(target: str, repository: Path) -> Target:
                     f"ensemble '{name}' needs {member.name} version {member.version}, which is not in {repository}"
                 )
             paths.append(folder)
-        return Target(name=name, kind="ensemble", member_paths=tuple(paths), ensemble=ensemble)
+        return Target(
+            name=name, kind="ensemble", member_paths=tuple(paths), ensemble=ensemble, ensemble_file=ens_file
+        )
     models = _models_in(repository)
     ensembles = (
         sorted(p.stem for p in (repository / "_ensembles").glob("*.json")) if repository.is_dir() else []
