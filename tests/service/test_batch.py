@@ -60,7 +60,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    ray = pytest.importorskip("ray")
+    import ray  # a test dependency (pyproject `test` extra): missing, the Ray engine test fails
     ray.init(
         num_cpus=2,
         include_dashboard=False,

@@ -57,14 +57,15 @@ def test_lone_requests_do_not_wait_but_concurrent_ones_gather() -> None:
     async def main() -> None:
         gate = threading.Event()
         recorder = Recorder(gate)
-        batcher = Batcher("m", recorder, max_batch_images=64, max_wait_s=0.5, max_queue_images=100)
+        # max_wait_s of an hour: a lone request that waited for company would never finish within
+        # the 60 s guard below (a liveness check, not a timing; benchmarks/bench_batcher.py times it).
+        batcher = Batcher("m", recorder, max_batch_images=64, max_wait_s=3600.0, max_queue_images=100)
         batcher.start()
         gate.set()
-        start = time.perf_counter()
         for i in range(3):  # a sequential client: never waits max_wait_s
-            out = await batcher.submit(images(i, 1))
+            out = await asyncio.wait_for(batcher.submit(images(i, 1)), timeout=60)
             assert out["log_likelihood"].shape == (1,)
-        assert time.perf_counter() - start < 0.4 and recorder.batches == [1, 1, 1]
+        assert recorder.batches == [1, 1, 1]
         gate.clear()
         first = asyncio.ensure_future(batcher.submit(images(0, 1)))  # runs alone, blocked on the gate
         await asyncio.sleep(0.05)
