@@ -8,7 +8,7 @@ calibration, batch scoring and the HTTP service compute it with the same code:
 
 - `ood_score`: the four statistics (likelihood, typicality, input complexity, likelihood ratio);
 - `png_bits_per_dim`: the compressor code length L(x) of the input-complexity score;
-- `p_value` / `leave_one_out_p_values`: p-values against the calibration reference scores;
+- `p_value`: p-values against the calibration reference scores;
 - `threshold_at_fpr`: the conformal threshold at a target false-positive rate;
 - `combine_p_values` / `calibrate_combination`: the combined verdict of several models (Fisher's
   method or min-p) and its own threshold.
@@ -117,8 +117,10 @@ def p_value(scores: np.ndarray, reference_sorted: np.ndarray) -> np.ndarray:
 
 def leave_one_out_p_values(scores: np.ndarray) -> np.ndarray:
     """p-values of the reference scores themselves, each against the other n − 1:
-    `(1 + #{j != i: s_j >= s_i}) / n`. Exchangeable with `p_value` of a fresh in-distribution
-    image, so a threshold on a combination of them is calibrated for fresh images."""
+    `(1 + #{j != i: s_j >= s_i}) / n`. Each has nearly the marginal law of a fresh image's `p_value`,
+    but jointly across several members they are ranks within one set, not p-values against fixed
+    references: a combined threshold set on them misses its target on small splits. The ensemble
+    therefore calibrates on disjoint images (`calibrate_combination`); kept for analysis and tests."""
     s = np.asarray(scores, dtype=np.float64)
     ref = np.sort(s)
     at_least = ref.size - np.searchsorted(ref, s, side="left") - 1  # minus the point itself

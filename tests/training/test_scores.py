@@ -269,7 +269,13 @@ def test_ensemble_of_the_quick_models(quick_repository: dict[str, Path], tmp_pat
     loaded = load_ensemble(path)
     assert loaded == ensemble
     assert [m.name for m in loaded.members] == ["fmnist-pixel-quick", "fmnist-embedding-quick"]
-    assert loaded.calibration.validation_size == 256
+    # the quick presets hold out 256 images: 128 calibrate the members, the other 128 the ensemble
+    assert loaded.calibration.validation_size == 128 == loaded.calibration_images["size"]
+    assert loaded.calibration_images["split"] == "combination"
+    assert (
+        loaded.calibration_images["fingerprint"]
+        not in loaded.calibration_images["disjoint_from_member_calibration"].values()
+    )
     assert loaded.calibration.validation_fpr <= 0.05 + 1e-9
     (mnist,) = loaded.metrics
     assert set(mnist.member_auroc) == {"fmnist-pixel-quick", "fmnist-embedding-quick"}
