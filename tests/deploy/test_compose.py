@@ -4,18 +4,20 @@ file it mounts or builds from exists. No Docker engine is needed."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # a test dependency: missing, these tests fail rather than skip
 import pytest
 import yaml
 
 from tests.deploy.conftest import DEPLOY, ROOT
 
-jsonschema = pytest.importorskip("jsonschema")
-
 SCHEMA = DEPLOY / "schemas" / "compose-spec.json"
+# The vendored revision; updating the schema is a deliberate edit of this line.
+SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +45,21 @@ def test_schema_catches_a_mistake(compose: dict[str, Any]) -> None:
 
 
 def test_vendored_schema_is_the_published_one() -> None:
-    """If check-jsonschema is installed, the vendored copy must be its file (or a deliberate update)."""
+    """The vendored copy is the recorded revision (an update is deliberate); where check-jsonschema is
+    installed, its copy of the Compose schema must be that revision too (a mismatch fails, it does
+    not skip: a silently different schema would validate the compose file against other rules)."""
     vendored = hashlib.sha256(SCHEMA.read_bytes()).hexdigest()
-    try:
-        import check_jsonschema
-    except ImportError:
-        pytest.skip("check-jsonschema not installed")
-    theirs = Path(check_jsonschema.__file__).parent / "builtin_schemas" / "vendor" / "compose-spec.json"
-    if theirs.is_file() and hashlib.sha256(theirs.read_bytes()).hexdigest() != vendored:
-        pytest.skip("check-jsonschema ships another revision of the compose schema")  # informative only
+    assert vendored == SCHEMA_SHA256, (
+        "deploy/schemas/compose-spec.json changed: update SCHEMA_SHA256 deliberately"
+    )
     assert (DEPLOY / "schemas" / "LICENSE.compose-spec").is_file()
+    spec = importlib.util.find_spec("check_jsonschema")
+    if spec is not None and spec.origin is not None:
+        theirs = Path(spec.origin).parent / "builtin_schemas" / "vendor" / "compose-spec.json"
+        if theirs.is_file():
+            assert hashlib.sha256(theirs.read_bytes()).hexdigest() == vendored, (
+                "check-jsonschema ships another revision of the compose schema than deploy/schemas/"
+            )
 
 
 def test_services_and_files(compose: dict[str, Any]) -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import kubernetes_validate  # a test dependency: missing, these tests fail rather than skip
 import pytest
 import yaml
 
 from service.settings import Settings
 from tests.deploy.conftest import DEPLOY
 from tests.deploy.kustomize import KustomizeError, render
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 K8S_VERSION = "1.31.0"  # the oldest release still in upstream support when these were written
 KUSTOMIZATIONS = ["base", "overlays/gpu", "ray"]

@@ -18,8 +18,8 @@ from tests.deploy.conftest import DEPLOY
 from tests.service.helpers import Server, base_settings, running_server
 
 # Never import locust here: it monkey-patches the process with gevent. run.py starts it as a subprocess.
-if importlib.util.find_spec("locust") is None:
-    pytest.skip("locust not installed", allow_module_level=True)
+if importlib.util.find_spec("locust") is None:  # a test dependency: missing, fail rather than skip
+    raise ImportError("locust not installed (a test dependency: pip install -e '.[test]')")
 
 
 def _runner() -> ModuleType:
