@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from models.artifact import BACKGROUND_OUTPUT, GRAPH_OUTPUTS
 from models.flows import PixelFlow
 from models.scores import bits_per_dim
 
 __all__ = ["BACKGROUND_OUTPUT", "LikelihoodRatioModel"]
-
-BACKGROUND_OUTPUT = "background_log_likelihood"
 
 
 class LikelihoodRatioModel(nn.Module):
@@ -26,7 +25,7 @@ class LikelihoodRatioModel(nn.Module):
     each `(N,)` float32, nats / bits per dim / nats."""
 
     kind = "pixel"
-    output_names = ("log_likelihood", "bits_per_dim", BACKGROUND_OUTPUT)
+    output_names = (*GRAPH_OUTPUTS, BACKGROUND_OUTPUT)
 
     def __init__(self, main: PixelFlow, background: PixelFlow) -> None:
         super().__init__()

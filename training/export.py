@@ -23,7 +23,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from models.artifact import Manifest, find_versions, mkdir_readable, write_manifest
+from models.artifact import (
+    GRAPH_INPUT,
+    GRAPH_OUTPUTS,
+    Manifest,
+    find_versions,
+    mkdir_readable,
+    write_manifest,
+)
 
 __all__ = [
     "ExportError",
@@ -39,7 +46,7 @@ __all__ = [
 
 OPSET = 17
 PARITY_RTOL = 1e-3
-OUTPUT_NAMES = ["log_likelihood", "bits_per_dim"]
+OUTPUT_NAMES = list(GRAPH_OUTPUTS)  # named once, in models.artifact
 
 
 class ExportError(RuntimeError):
@@ -57,14 +64,14 @@ def output_names(model: nn.Module) -> list[str]:
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """TorchScript-based exporter: it handles our static graphs and gives a dynamic batch axis."""
     names = output_names(model)
-    dynamic = {name: {0: "batch"} for name in ["images", *names]}
+    dynamic = {name: {0: "batch"} for name in [GRAPH_INPUT, *names]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (example,),
             str(path),
-            input_names=["images"],
+            input_names=[GRAPH_INPUT],
             output_names=names,
             dynamic_axes=dynamic,
             opset_version=OPSET,
@@ -102,7 +109,7 @@ def check_parity(
         with torch.no_grad():
             eager_all = model(batch)
             ts_all = scripted(batch)
-        onnx_all = session.run(names, {"images": batch.numpy()})
+        onnx_all = session.run(names, {GRAPH_INPUT: batch.numpy()})
         for i in checked:
             eager = eager_all[i].double().numpy()
             ts = ts_all[i].double().numpy()
