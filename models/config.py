@@ -14,8 +14,10 @@ class _Config(BaseModel):
 
 
 class PixelFlowConfig(_Config):
-    """A flow on raw pixels. `mask` picks the spatial coupling mask (Kirichenko et al. §7) and
-    `st_net` the coupling network (`bottleneck`: squeezed through `latent_dim`, §8)."""
+    """A flow on raw pixels. `mask` picks the spatial coupling mask and `st_net` the coupling
+    network (`bottleneck`: squeezed through a linear layer of `latent_dim`); both are the
+    "changing biases" of Kirichenko et al. 2020, §7. `num_scales=1` gives the paper's
+    single-scale RealNVP: `final_couplings` couplings on the image grid, no squeeze."""
 
     kind: Literal["pixel"] = "pixel"
     architecture: Literal["realnvp", "glow"] = "realnvp"
@@ -25,6 +27,9 @@ class PixelFlowConfig(_Config):
     width: int = Field(32, ge=1)
     depth: int = Field(2, ge=0, description="residual blocks per st-network")
     latent_dim: int = Field(32, ge=1, description="bottleneck width (st_net='bottleneck')")
+    bottleneck_pool: int = Field(
+        1, ge=1, description="st_net='bottleneck': average-pool factor before the linear bottleneck"
+    )
     num_scales: int = Field(3, ge=1, description="RealNVP scales / Glow levels (capped by the image size)")
     couplings_per_scale: int = Field(3, ge=1, description="RealNVP spatial couplings before each squeeze")
     channel_couplings: int = Field(3, ge=0, description="RealNVP channel-wise couplings after each squeeze")

@@ -18,7 +18,7 @@ from models.layers import ActNorm, InvertibleConv1x1, Permutation
 from models.masks import Mask
 from models.nets import NetFactory, bottleneck_net, mlp_net, resnet_net
 from models.preprocessing import Dequantization, LogitTransform, dequantize
-from models.scores import LN2, bits_per_dim, discrete_log_likelihood
+from models.scores import bits_per_dim, discrete_log_likelihood
 from models.transforms import CompositeTransform, InverseTransform, SplitApply, Squeeze, Transform
 
 __all__ = [
@@ -57,7 +57,7 @@ def check_images(images: Tensor, shape: tuple[int, int, int]) -> None:
 
 def _net_factory(config: PixelFlowConfig) -> NetFactory:
     if config.st_net == "bottleneck":
-        return bottleneck_net(config.width, config.depth, config.latent_dim)
+        return bottleneck_net(config.width, config.depth, config.latent_dim, config.bottleneck_pool)
     return resnet_net(config.width, config.depth)
 
 
@@ -255,7 +255,7 @@ class EmbeddingFlow(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         log_likelihood = self.log_likelihood(images)
-        return log_likelihood, -log_likelihood / (self.num_dims * LN2)
+        return log_likelihood, bits_per_dim(log_likelihood, self.num_dims)
 
 
 def build_model(config: PixelFlowConfig | EmbeddingFlowConfig) -> PixelFlow | EmbeddingFlow:

@@ -4,9 +4,10 @@ A mask is a small frozen object; `tensors(shape)` returns `(condition, transform
 disjoint {0, 1} float tensors broadcastable to a batch of that shape. Entries in neither
 set pass through unchanged and are hidden from the st-network (the cycle mask uses this).
 
-The spatial variants come from Kirichenko et al. 2020, §7: checkerboard and channel-wise
-masks let a coupling predict a pixel from its neighbours; horizontal and cycle (quadrant)
-masks take that shortcut away and improve OOD ranking.
+The spatial variants come from Kirichenko et al. 2020: checkerboard and channel-wise masks let
+a coupling predict a pixel from its neighbours and let consecutive couplings co-adapt (§6);
+horizontal and cycle (quadrant) masks take that shortcut away (§7). The paper's cycle-mask flow
+is single-scale: 8 couplings, step i transforms quadrant i+1 from quadrant i, twice around.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Mask", "MaskKind", "make_mask"]
+__all__ = ["Mask", "MaskKind"]
 
 MaskKind = Literal["checkerboard", "channel", "horizontal", "cycle", "alternate", "half"]
 
@@ -69,7 +70,3 @@ class Mask:
         else:
             raise ValueError(f"unknown mask kind '{self.kind}'")
         return cond.contiguous()[None], trans.contiguous()[None]
-
-
-def make_mask(kind: MaskKind, index: int = 0) -> Mask:
-    return Mask(kind=kind, index=index)

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 __all__ = [
     "CompositeTransform",
-    "IdentityTransform",
     "InverseTransform",
     "SplitApply",
     "Squeeze",
@@ -36,14 +35,6 @@ class Transform(nn.Module):
 
 def _zeros(x: Tensor) -> Tensor:
     return x.new_zeros(x.shape[0])
-
-
-class IdentityTransform(Transform):
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x, _zeros(x)
-
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return z, _zeros(z)
 
 
 class CompositeTransform(Transform):

@@ -1,20 +1,21 @@
-"""`oodflow analyze`: pictures of what a pixel flow computes (Kirichenko et al. 2020, §5–7).
+"""`oodflow analyze`: pictures of what a pixel flow computes (Kirichenko et al. 2020, §5–6).
 
 For a trained pixel flow and a few in-distribution and OOD images it writes PNG grids:
 
 - `latent.png` (2 rows × N images): the input and its latent `z`, laid out on the image grid (our
-  flows keep the factored-out halves in place, so `z` has the input's shape). The input's edges
-  stay visible in `z`: the flow transforms images locally, not semantically.
+  flows keep the factored-out halves in place, so `z` has the input's shape). §5: the paper finds
+  the input's edges visible in `z`.
 - `st_maps.png` (2N rows × L couplings): the log-scale `s` and shift `t` of every coupling layer,
   on the entries it transforms; squeezed tensors are un-squeezed back to the image grid.
 - `coupling_outputs.png` (N rows × L+1): the input (logit space) and the output after each coupling.
 - `coadaptation.png` (N rows × 3, RealNVP): what the first two couplings predict for the pixels
   they transform, `x̂ = −t · exp(−s)` (the value the coupling maps to 0), mapped back to pixels and
-  drawn over the half they cannot see. With a horizontal mask the first coupling predicts the
-  bottom half of an OOD digit from its top half, and the second predicts the top half back from
-  the first one's *output*: the coupling layers co-adapt (§7).
+  drawn over the part they cannot see (§6: coupling layers predict masked pixels and co-adapt).
 
-`analyze.md` beside them says in one sentence what each picture shows.
+Every caption in `analysis.md` is generated from measurements on more images than the figures
+show (`measure_count` per group), each against a control: the edge map of *another* image for
+the edge correlations, a blank (all-black) and a mean-of-visible-pixels guess for the
+predictions. The small functions `edge_verdict` and `prediction_verdict` decide the wording.
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ from training.runs import Run  # noqa: E402
 __all__ = [
     "CouplingTrace",
     "analysis_markdown",
+    "edge_caption",
+    "edge_verdict",
+    "prediction_caption",
+    "prediction_verdict",
     "analyze",
     "analyze_many",
     "analyze_model",
+    "measure",
     "load_pixel_flow",
     "to_grid",
     "trace_couplings",
@@ -131,14 +137,6 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _mean_by_group(values: list[float], labels: list[str]) -> tuple[float, float]:
-    ood = np.array([lab.startswith("OOD") for lab in labels])
-    v = np.array(values)
-    return float(v[~ood].mean()) if (~ood).any() else float("nan"), float(
-        v[ood].mean()
-    ) if ood.any() else float("nan")
-
-
 def _panel(
     ax: Any, image: np.ndarray, title: str | None = None, cmap: str = "gray", symmetric: bool = False
 ) -> None:
@@ -165,10 +163,192 @@ def _save(fig: Any, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- captions
+#
+# Pure functions: measured numbers in, the caption's claim out. A claim is only made when the
+# measurement beats its control by a margin.
+
+
+def edge_verdict(own: float, control: float, margin: float = 0.1) -> str:
+    """`own`: correlation of a map with its input's edge map; `control`: with another image's edge
+    map. Returns "follows" (own beats the control by `margin` and is positive), "opposes" (own is
+    below −`margin` and below the control by `margin`), or "no more than control"."""
+    if own > 0 and own - control > margin:
+        return "follows"
+    if own < -margin and control - own > margin:
+        return "opposes"
+    return "no more than control"
+
+
+def edge_caption(
+    what: str, own: tuple[float, float], control: tuple[float, float], margin: float = 0.1
+) -> str:
+    """Caption sentence for `what` (e.g. "|z|") correlated with the input's edge map, for the
+    (in-distribution, OOD) groups."""
+    words = {
+        "follows": "follows the input's own edges",
+        "opposes": "is *anti*-correlated with the input's edges (large where the image is flat)",
+        "no more than control": "follows the input's edges no more than another image's edges",
+    }
+    measured = (
+        f"Measured: the correlation of {what} with the input's edge map (gradient magnitude) is {own[0]:.2f} "
+        f"(in-distribution) / {own[1]:.2f} (OOD); control, the edge map of another image of the same group: "
+        f"{control[0]:.2f} / {control[1]:.2f}."
+    )
+    v_in, v_ood = edge_verdict(own[0], control[0], margin), edge_verdict(own[1], control[1], margin)
+    if v_in == v_ood:
+        return f"{measured} So {what} {words[v_in]}, for in-distribution and OOD images alike."
+    return f"{measured} So {what} {words[v_in]} on in-distribution images and {words[v_ood]} on OOD images."
+
+
+def prediction_verdict(error: float, controls: dict[str, float], margin: float = 0.1) -> str:
+    """A coupling's prediction of the pixels it transforms, `error` (mean absolute error in grey
+    levels), against guesses that need no network (`controls`, same units): "better" when it beats
+    the best control by a relative `margin`, "worse" when it is worse than every control, otherwise
+    "no better"."""
+    best = min(controls.values())
+    if error < (1 - margin) * best:
+        return "better"
+    if error > max(controls.values()):
+        return "worse"
+    return "no better"
+
+
+def prediction_caption(
+    name: str, errors: tuple[float, float], controls: dict[str, tuple[float, float]], margin: float = 0.1
+) -> tuple[str, tuple[str, str]]:
+    """Caption clause for one coupling (`name`), errors and controls for (in, OOD); returns the
+    clause and the two verdicts."""
+    verdicts = (
+        prediction_verdict(errors[0], {k: v[0] for k, v in controls.items()}, margin),
+        prediction_verdict(errors[1], {k: v[1] for k, v in controls.items()}, margin),
+    )
+    guesses = ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in controls.items())
+    phrase = {
+        "better": "better than every guess",
+        "no better": "no better than the best guess",
+        "worse": "worse than every guess",
+    }
+    where = (
+        f"{phrase[verdicts[0]]} on in-distribution and OOD images alike"
+        if verdicts[0] == verdicts[1]
+        else f"{phrase[verdicts[0]]} on in-distribution images, {phrase[verdicts[1]]} on OOD images"
+    )
+    return (
+        f"{name} misses the pixels it transforms by {errors[0]:.0f} (in) / {errors[1]:.0f} (OOD) grey levels on "
+        f"average (guesses that need no network: {guesses}): {where}",
+        verdicts,
+    )
+
+
+def _derange(n: int) -> list[int]:
+    """Another image of the same group for each image: the next one, cyclically."""
+    return [(j + 1) % n for j in range(n)] if n > 1 else [0]
+
+
+def _group_means(values: np.ndarray, ood: np.ndarray) -> tuple[float, float]:
+    return (
+        float(values[~ood].mean()) if (~ood).any() else float("nan"),
+        float(values[ood].mean()) if ood.any() else float("nan"),
+    )
+
+
+def _own_and_control(
+    maps: list[np.ndarray], edges: list[np.ndarray], ood: np.ndarray
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Mean correlation of each map with its own image's edges and, as the control, with the edges
+    of another image of the same group."""
+    own = np.array([_corr(m, e) for m, e in zip(maps, edges, strict=True)])
+    control = np.zeros(len(maps))
+    for group in (ood, ~ood):
+        idx = np.flatnonzero(group)
+        for j, k in zip(idx, np.array(idx)[_derange(len(idx))], strict=True):
+            control[j] = _corr(maps[j], edges[k])
+    return _group_means(own, ood), _group_means(control, ood)
+
+
+@torch.no_grad()
+def measure(model: PixelFlow, images: np.ndarray, labels: list[str]) -> dict[str, str]:
+    """The captions' measurements on `images: (N, C, H, W) uint8` (labels starting with "OOD" are
+    the OOD group); returns `{figure file name: caption sentence}`."""
+    model = model.eval().cpu()
+    batch = torch.from_numpy(np.ascontiguousarray(images))
+    ood = np.array([lab.startswith("OOD") for lab in labels])
+    n = len(batch)
+    z = model.latent(batch)
+    traces = trace_couplings(model, batch)
+    edges = [edge_map(to_grid(batch[j].float())) for j in range(n)]
+    notes: dict[str, str] = {}
+    own, control = _own_and_control([np.abs(to_grid(z[j])) for j in range(n)], edges, ood)
+    notes["latent.png"] = edge_caption("|z|", own, control)
+    first = traces[0]
+    t_maps = [np.abs(to_grid(first.t[j] * first.transformed[0])) for j in range(n)]
+    own, control = _own_and_control(t_maps, edges, ood)
+    notes["st_maps.png"] = edge_caption("|t| of the first coupling", own, control)
+    x0, _ = model.logit(dequantize(batch, "midpoint"))
+    # After the last coupling the representation is the latent z (factored-out parts in place).
+    own, control = _own_and_control(
+        [to_grid(z[j]) for j in range(n)], [to_grid(x0[j]) for j in range(n)], ood
+    )
+    v_in, v_ood = edge_verdict(own[0], control[0]), edge_verdict(own[1], control[1])
+    kept = {"follows": "keeps", "opposes": "inverts", "no more than control": "does not keep"}
+    where = (
+        f"{kept[v_in]} the input's layout, for in-distribution and OOD images alike"
+        if v_in == v_ood
+        else f"{kept[v_in]} the input's layout for in-distribution images and {kept[v_ood]} it for OOD images"
+    )
+    notes["coupling_outputs.png"] = (
+        f"Measured: after the last coupling (the latent z) the representation correlates with its own input "
+        f"(logit space) at {own[0]:.2f} (in) / {own[1]:.2f} (OOD), with another image of the group at "
+        f"{control[0]:.2f} / {control[1]:.2f}: it {where}."
+    )
+    spatial = [tr for tr in traces if tuple(tr.shape) == tuple(model.input_shape)]
+    if model.config.architecture == "realnvp" and len(spatial) >= 2:
+        alpha = model.config.alpha
+        clauses, verdicts = [], []
+        for k, tr in enumerate(spatial[:2]):
+            predicted = logit_to_pixels(-tr.t * torch.exp(-tr.s), alpha)
+            hidden = tr.transformed[0].bool()
+            visible = tr.condition[0].bool()
+            err, blank, mean = (np.zeros(n) for _ in range(3))
+            for j in range(n):
+                x = batch[j].float()
+                err[j] = float((predicted[j] - x)[hidden].abs().mean())
+                blank[j] = float(x[hidden].abs().mean())
+                mean[j] = float((x[hidden] - x[visible].mean()).abs().mean())
+            clause, v = prediction_caption(
+                f"coupling {k + 1}",
+                _group_means(err, ood),
+                {
+                    "all-black guess": _group_means(blank, ood),
+                    "mean of the visible pixels": _group_means(mean, ood),
+                },
+            )
+            clauses.append(clause)
+            verdicts.append(v)
+        if verdicts[1][0] == "better" and verdicts[1][1] == "better":
+            coadapt = (
+                "Coupling 2 predicts the part it transforms from coupling 1's *output* better than both guesses, "
+                "which is consistent with co-adaptation (§6), though a prediction from coupling 1's unchanged "
+                "pixels would look the same: these numbers do not isolate it."
+            )
+        else:
+            coadapt = "Coupling 2's predictions do not beat both guesses: this figure shows no sign of co-adaptation (§6)."
+        notes["coadaptation.png"] = "Measured: " + "; ".join(clauses) + ". " + coadapt
+    return notes
+
+
 def analyze_model(
-    model: PixelFlow, images: np.ndarray, labels: list[str], output_dir: Path, title: str
+    model: PixelFlow,
+    images: np.ndarray,
+    labels: list[str],
+    output_dir: Path,
+    title: str,
+    measure_on: tuple[np.ndarray, list[str]] | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """Write the figures for `images: (N, C, H, W) uint8`; returns `{file name: (rows, cols)}`."""
+    """Write the figures for `images: (N, C, H, W) uint8`; returns `{file name: (rows, cols)}`.
+    The captions (`notes.json`) are measured on `measure_on` (images, labels), default the same
+    images."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -186,14 +366,6 @@ def analyze_model(
         _panel(axes[1, j], to_grid(z[j]), "latent z", symmetric=True)
     _save(fig, output_dir / "latent.png", f"{title}: inputs (top) and latents z on the image grid (bottom)")
     grids["latent.png"] = (2, n)
-    # How much of the input's edge map survives in |z| (§5: latents keep local structure).
-    edge_corr = [_corr(np.abs(to_grid(z[j])), edge_map(to_grid(batch[j].float()))) for j in range(n)]
-    e_in, e_ood = _mean_by_group(edge_corr, labels)
-    notes: dict[str, str] = {
-        "latent.png": f"Measured: the correlation between |z| and the input's edge map (gradient magnitude) is "
-        f"{e_in:.2f} for the in-distribution images and {e_ood:.2f} for the OOD images "
-        "(0 would mean no trace of the input's edges)."
-    }
 
     cols = len(traces)
     fig, axes = _figure(2 * n, cols, size=1.0)
@@ -206,16 +378,6 @@ def analyze_model(
         axes[2 * j + 1, 0].set_ylabel(f"{labels[j]}: t", fontsize=7)
     _save(fig, output_dir / "st_maps.png", f"{title}: log-scale s and shift t of every coupling layer")
     grids["st_maps.png"] = (2 * n, cols)
-    first = traces[0]
-    t_corr = [
-        _corr(np.abs(to_grid(first.t[j] * first.transformed[0])), edge_map(to_grid(batch[j].float())))
-        for j in range(n)
-    ]
-    t_in, t_ood = _mean_by_group(t_corr, labels)
-    notes["st_maps.png"] = (
-        f"Measured: |t| of the first coupling correlates with the input's edge map at {t_in:.2f} "
-        f"(in-distribution) and {t_ood:.2f} (OOD)."
-    )
 
     fig, axes = _figure(n, cols + 1, size=1.0)
     with torch.no_grad():
@@ -232,44 +394,36 @@ def analyze_model(
     if model.config.architecture == "realnvp" and len(spatial) >= 2:
         fig, axes = _figure(n, 3, size=1.4)
         alpha = model.config.alpha
-        errors: dict[int, list[float]] = {0: [], 1: []}
-        black: dict[int, list[float]] = {0: [], 1: []}
+        second = (
+            "coupling 2 predicts the\nnext quadrant from\ncoupling 1's output"
+            if spatial[1].mask == "cycle"
+            else "coupling 2 predicts the\nother half from\ncoupling 1's output"
+        )
         for j in range(n):
             _panel(axes[j, 0], to_grid(batch[j].float()), "input" if j == 0 else None)
             axes[j, 0].set_ylabel(labels[j], fontsize=7)
             for k, tr in enumerate(spatial[:2]):
                 predicted = -tr.t[j] * torch.exp(-tr.s[j])  # the input value the coupling maps to 0
-                # The transformed entries of both couplings are still logit(pixels) (coupling 2 transforms
-                # what coupling 1 conditioned on), so the prediction maps back to pixels; the visible half
-                # is drawn from the image (for coupling 2 it is really coupling 1's output).
+                # The entries a coupling transforms are still logit(pixels) when it runs (coupling 2
+                # transforms what coupling 1 did not), so the prediction maps back to pixels.
                 visible = batch[j].float() * (1 - tr.transformed[0])
                 pixels = visible + logit_to_pixels(predicted, alpha) * tr.transformed[0]
-                hidden = tr.transformed[0].bool()
-                errors[k].append(float((pixels - batch[j].float())[hidden].abs().mean()))
-                black[k].append(float(batch[j].float()[hidden].mean()))
-                head = (
-                    "coupling 1 predicts\nthe masked half"
-                    if k == 0
-                    else "coupling 2 predicts it back\nfrom coupling 1's output"
-                )
+                head = "coupling 1 predicts\nthe pixels it transforms" if k == 0 else second
                 _panel(axes[j, k + 1], to_grid(pixels), head if j == 0 else None)
                 mask = to_grid(tr.transformed[0])
                 axes[j, k + 1].contour(mask, levels=[0.5], colors="r", linewidths=0.6)
         _save(
             fig,
             output_dir / "coadaptation.png",
-            f"{title}: predicted masked pixels −t·exp(−s) (inside the red line)",
+            f"{title}: predicted pixels −t·exp(−s) (inside the red line)",
         )
         grids["coadaptation.png"] = (n, 3)
-        parts = []
-        for k in (0, 1):
-            err_in, err_ood = _mean_by_group(errors[k], labels)
-            base_in, base_ood = _mean_by_group(black[k], labels)
-            parts.append(
-                f"coupling {k + 1} misses the hidden pixels by {err_in:.0f} (in) / {err_ood:.0f} (OOD) grey levels "
-                f"on average, against {base_in:.0f} / {base_ood:.0f} for an all-black guess"
-            )
-        notes["coadaptation.png"] = "Measured: " + "; ".join(parts) + "."
+    m_images, m_labels = measure_on if measure_on is not None else (images, labels)
+    notes = measure(model, m_images, m_labels)
+    notes["_measured_on"] = (
+        f"{sum(not lab.startswith('OOD') for lab in m_labels)} in-distribution and "
+        f"{sum(lab.startswith('OOD') for lab in m_labels)} OOD images"
+    )
     (output_dir / "grids.json").write_text(
         json.dumps({k: list(v) for k, v in grids.items()}, indent=2) + "\n"
     )
@@ -301,6 +455,15 @@ def load_pixel_flow(path: Path) -> PixelFlow:
     raise FileNotFoundError(f"{path}: neither a run folder (config.json) nor an artifact (manifest.json)")
 
 
+def _images(
+    shape: tuple[int, int, int], in_distribution: str, ood: str, count: int, seed: int
+) -> tuple[np.ndarray, list[str]]:
+    idd = load_dataset(in_distribution, shape=shape, limit=count, seed=seed)
+    oods = load_dataset(ood, shape=shape, limit=count, seed=seed)
+    labels = [f"in {i + 1}" for i in range(len(idd))] + [f"OOD {i + 1}" for i in range(len(oods))]
+    return np.concatenate([idd.images, oods.images]), labels
+
+
 def analyze(
     model_path: Path,
     output_dir: Path,
@@ -308,21 +471,20 @@ def analyze(
     in_distribution: str = "fashion-mnist:test",
     ood: str = "mnist",
     count: int = 3,
+    measure_count: int = 64,
     seed: int = 0,
     markdown: Path | None = None,
     title: str | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """Figures for `count` in-distribution and `count` OOD images; writes `analysis.md` (or
-    `markdown`) describing them. Returns `{file name: (rows, cols)}`."""
+    """Figures for `count` in-distribution and `count` OOD images, captions measured on
+    `measure_count` of each; writes `analysis.md` (or `markdown`) describing them. Returns
+    `{file name: (rows, cols)}`."""
     model = load_pixel_flow(Path(model_path))
-    shape = model.input_shape
-    idd = load_dataset(in_distribution, shape=shape, limit=count, seed=seed)
-    oods = load_dataset(ood, shape=shape, limit=count, seed=seed)
-    images = np.concatenate([idd.images, oods.images])
-    labels = [f"in {i + 1}" for i in range(len(idd))] + [f"OOD {i + 1}" for i in range(len(oods))]
+    images, labels = _images(model.input_shape, in_distribution, ood, count, seed)
+    measured = _images(model.input_shape, in_distribution, ood, max(count, measure_count), seed)
     name = title or f"{model.config.architecture} ({model.config.mask} mask)"
     output_dir = Path(output_dir)
-    grids = analyze_model(model, images, labels, output_dir, name)
+    grids = analyze_model(model, images, labels, output_dir, name, measured)
     markdown = Path(markdown) if markdown else output_dir / "analysis.md"
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(
@@ -345,6 +507,7 @@ def analyze_many(
     in_distribution: str = "fashion-mnist:test",
     ood: str = "mnist",
     count: int = 3,
+    measure_count: int = 64,
     seed: int = 0,
     command: str = "oodflow analyze",
 ) -> dict[str, dict[str, tuple[int, int]]]:
@@ -353,32 +516,31 @@ def analyze_many(
     done: dict[str, tuple[Path, dict[str, tuple[int, int]]]] = {}
     for title, path in models.items():
         model = load_pixel_flow(Path(path))
-        shape = model.input_shape
-        idd = load_dataset(in_distribution, shape=shape, limit=count, seed=seed)
-        oods = load_dataset(ood, shape=shape, limit=count, seed=seed)
-        images = np.concatenate([idd.images, oods.images])
-        labels = [f"in {i + 1}" for i in range(len(idd))] + [f"OOD {i + 1}" for i in range(len(oods))]
+        images, labels = _images(model.input_shape, in_distribution, ood, count, seed)
+        measured = _images(model.input_shape, in_distribution, ood, max(count, measure_count), seed)
         folder = Path(figures_root) / Path(path).name
-        done[title] = (folder, analyze_model(model, images, labels, folder, title))
+        done[title] = (folder, analyze_model(model, images, labels, folder, title, measured))
     markdown = Path(markdown)
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(analysis_markdown(done, markdown.parent, in_distribution, ood, command))
     return {title: grids for title, (_, grids) in done.items()}
 
 
+# What each figure shows (no claim) and the paper's claim it illustrates; the measured caption
+# (`notes.json`) says whether these numbers support it.
 SENTENCES = {
-    "latent.png": "Inputs (top) and their latents z laid out on the image grid (bottom): the paper's §5 finding is "
-    "that the input's edges and shape stay visible in z, i.e. the flow maps images to latents locally and "
-    "generically rather than by what they show, so a smooth OOD digit gets as Gaussian-looking a latent as a garment.",
+    "latent.png": "Inputs (top) and their latents z laid out on the image grid (bottom). The paper's claim (§5): "
+    "the input's edges stay visible in z, i.e. the flow maps images to latents locally rather than by what they "
+    "show.",
     "st_maps.png": "The log-scale s (odd rows) and shift t (even rows) of every coupling layer on the entries it "
-    "transforms (blue negative, red positive): where they follow the object's outline, the st-networks act as "
-    "local pixel predictors, for in-distribution and OOD images alike.",
+    "transforms (blue negative, red positive). The paper's claim (§6): s and t follow the object's outline, the "
+    "st-networks acting as local pixel predictors for in-distribution and OOD images alike.",
     "coupling_outputs.png": "The representation after each coupling layer (squeezed scales un-squeezed onto the "
-    "image grid): the picture's structure survives layer after layer, whatever the image shows.",
+    "image grid). The paper's claim (§6): the picture's structure survives the couplings whatever the image shows.",
     "coadaptation.png": "What the first two coupling layers predict for the pixels they transform, −t·exp(−s) "
-    "(the input value the layer maps to 0), drawn inside the red line: the first layer predicts the hidden half "
-    "from the visible half; the second predicts the first layer's visible half back from the first layer's "
-    "*output*, which it can only do if the first layer encoded it there: the co-adaptation of §7.",
+    "(the input value the layer maps to 0), drawn inside the red line. The paper's claim (§6): with checkerboard "
+    "masks a coupling predicts masked pixels from their neighbours, and consecutive couplings co-adapt (the second "
+    "reads back what the first encoded in its output).",
 }
 
 
@@ -392,17 +554,25 @@ def analysis_markdown(
     lines = [
         "# Inside a pixel flow: what `oodflow analyze` shows",
         "",
-        f"Images: a few `{in_distribution}` (in-distribution, 'in') and `{ood}` (OOD) images, scored by flows trained "
-        f"on Fashion-MNIST. Generated by `{command}`. Section numbers refer to Kirichenko, Izmailov & Wilson, "
-        "*Why Normalizing Flows Fail to Detect Out-of-Distribution Data* (NeurIPS 2020).",
+        f"Figures: three `{in_distribution}` (in-distribution, 'in') and three `{ood}` (OOD) images, through flows "
+        f"trained on Fashion-MNIST. Generated by `{command}`; do not edit by hand. Section numbers refer to "
+        "Kirichenko, Izmailov & Wilson, *Why Normalizing Flows Fail to Detect Out-of-Distribution Data* (NeurIPS "
+        "2020): §5 latent spaces, §6 transformations learned by coupling layers (co-adaptation), §7 masks.",
+        "",
+        "Each caption says what the figure shows and what the paper claims; the *Measured* sentence is computed on "
+        "more images than the figure shows, against a control (the edge map of another image; an all-black and a "
+        "mean-of-visible-pixels guess), and claims only what those numbers show (`training/analyze.py`: "
+        "`edge_verdict`, `prediction_verdict`).",
         "",
     ]
     for name, (folder, grids) in models.items():
+        notes_path = Path(folder) / "notes.json"
+        notes = json.loads(notes_path.read_text()) if notes_path.is_file() else {}
         lines += [f"## {name}", ""]
+        if "_measured_on" in notes:
+            lines += [f"Measurements on {notes['_measured_on']}.", ""]
         for fig, (rows, cols) in grids.items():
             rel = Path(os.path.relpath(Path(folder) / fig, doc_dir)).as_posix()
-            notes_path = Path(folder) / "notes.json"
-            notes = json.loads(notes_path.read_text()) if notes_path.is_file() else {}
             note = f" {notes[fig]}" if fig in notes else ""
             lines += [
                 f"![{fig}]({rel})",

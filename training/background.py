@@ -6,10 +6,12 @@ pixel replaced by a uniform random value in 0..255 with probability μ
 population-level statistics, so `log p(x) − log p_background(x)` cancels the part of the likelihood
 that makes a Fashion-MNIST flow prefer MNIST digits.
 
-It lives in the main run's folder (`<run>/background/`, a run folder of its own with checkpoints,
-so it resumes like any run). Each training image gets one fixed perturbation, drawn from a seeded
-generator: the training loop samples images with replacement, so on our budgets an image is seen a
-handful of times at most and fresh noise per step would change little.
+As Ren et al. 2019 train it: a fresh perturbation of every batch at every step (drawn from a
+seeded, checkpointed generator inside the training loop, `train(perturbation_rate=μ)`), and an
+L2 penalty `calibration.background.weight_decay` (Ren et al. regularise the background model;
+> 0 is what they use). It lives in the main run's folder (`<run>/background/`, a run folder of its
+own with checkpoints, so it resumes like any run). Its validation images (model selection and the
+summary only) carry one fixed seeded perturbation, so the validation figure is repeatable.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def train_background(
     rate = run.config.calibration.background.perturbation_rate
     seed = config.train.seed
     perturbed = Splits(
-        train=_perturbed(splits.train, rate, seed),
+        train=splits.train,
         validation=_perturbed(splits.validation, rate, seed + 1),
         calibration=splits.calibration,
         fingerprint=splits.fingerprint,
@@ -115,6 +117,7 @@ def train_background(
         device=device,
         progress=progress,
         splits=perturbed,
+        perturbation_rate=rate,
     )
 
 

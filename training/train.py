@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models.flows import EmbeddingFlow, PixelFlow, build_model
 from models.layers import ActNorm, initialize_actnorm
-from models.scores import LN2
+from models.scores import bits_per_dim, discrete_log_likelihood
 from training.config import RunConfig
 from training.runs import Run, Splits, load_splits, resolve_device
 from training.scoring import cached_features
@@ -213,11 +213,38 @@ class _Trainer:
 
 
 class _PixelTrainer(_Trainer):
+    """With `perturbation_rate` μ > 0 every batch is corrupted afresh at every step: each pixel is
+    replaced, with probability μ, by a uniform random value in 0..255 (the background flow of
+    Ren et al. 2019, who draw new noise for every minibatch)."""
+
     model: PixelFlow
 
-    def __init__(self, run: Run, model: PixelFlow, splits: Splits, device: torch.device):
+    def __init__(
+        self, run: Run, model: PixelFlow, splits: Splits, device: torch.device, perturbation_rate: float = 0.0
+    ):
         super().__init__(run, model, splits, device)
         self.train_images = torch.from_numpy(splits.train.images)
+        if not 0.0 <= perturbation_rate < 1.0:
+            raise ValueError(f"perturbation_rate must be in [0, 1), got {perturbation_rate}")
+        self.perturbation_rate = perturbation_rate
+        self.perturb_generator = torch.Generator().manual_seed(self.config.train.seed + 3)
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {**super().checkpoint_payload(), "perturb_generator": self.perturb_generator.get_state()}
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        super().restore(payload)
+        if "perturb_generator" in payload:
+            self.perturb_generator.set_state(payload["perturb_generator"])
+
+    def perturb(self, batch: torch.Tensor) -> torch.Tensor:
+        """`batch: (B, C, H, W) uint8` -> a fresh perturbation of it (unchanged when μ = 0)."""
+        if self.perturbation_rate == 0.0:
+            return batch
+        g = self.perturb_generator
+        replace = torch.rand(batch.shape, generator=g) < self.perturbation_rate
+        noise = torch.randint(0, 256, batch.shape, generator=g, dtype=torch.uint8)
+        return torch.where(replace, noise, batch)
 
     def prepare(self) -> None:
         if any(isinstance(m, ActNorm) for m in self.model.modules()):
@@ -230,11 +257,13 @@ class _PixelTrainer(_Trainer):
         idx = torch.randint(
             0, len(self.train_images), (self.config.train.batch_size,), generator=self.batch_generator
         )
-        batch = self.train_images[idx]
+        batch = self.perturb(self.train_images[idx])
         noise = torch.rand(batch.shape, generator=self.noise_generator)
         y = ((batch.float() + noise) / 256.0).to(self.device)
         log_density = self.model.log_density_unit(y)
-        return -(log_density.mean() / self.model.num_dims - math.log(256)) / LN2
+        return bits_per_dim(
+            discrete_log_likelihood(log_density.mean(), self.model.num_dims), self.model.num_dims
+        )
 
     @torch.inference_mode()
     def validation_bits_per_dim(self) -> float:
@@ -275,13 +304,13 @@ class _EmbeddingTrainer(_Trainer):
             0, len(self.train_features), (self.config.train.batch_size,), generator=self.batch_generator
         )
         ll = self.model.log_likelihood_features(self.train_features[idx].to(self.device))
-        return -ll.mean() / (self.model.num_dims * LN2)
+        return bits_per_dim(ll.mean(), self.model.num_dims)
 
     @torch.inference_mode()
     def validation_bits_per_dim(self) -> float:
         self.model.eval()
         ll = self.model.log_likelihood_features(self.val_features.to(self.device))
-        return float(-ll.mean() / (self.model.num_dims * LN2))
+        return float(bits_per_dim(ll.mean(), self.model.num_dims))
 
 
 def train(
@@ -294,8 +323,12 @@ def train(
     progress: bool = True,
     splits: Splits | None = None,
     on_step: Callable[[int], None] | None = None,
+    perturbation_rate: float = 0.0,
 ) -> TrainResult:
-    """Train `config` into `run_dir`. With `resume`, continue from the last checkpoint."""
+    """Train `config` into `run_dir`. With `resume`, continue from the last checkpoint.
+
+    `perturbation_rate` > 0 (pixel flows only) corrupts every training batch afresh at every
+    step, as for the likelihood-ratio background flow (`training.background`)."""
     torch.manual_seed(config.train.seed)
     np.random.seed(config.train.seed)
     run = Run(run_dir, config)
@@ -308,8 +341,10 @@ def train(
     splits = splits or load_splits(config, with_eval_sets=False)
     model = build_model(config.model).to(dev)
     if isinstance(model, PixelFlow):
-        trainer: _Trainer = _PixelTrainer(run, model, splits, dev)
+        trainer: _Trainer = _PixelTrainer(run, model, splits, dev, perturbation_rate)
     else:
+        if perturbation_rate:
+            raise ValueError("perturbation_rate is for pixel flows (the likelihood-ratio background)")
         trainer = _EmbeddingTrainer(run, model, splits, dev)
     threads = torch.get_num_threads()
     if isinstance(trainer, _EmbeddingTrainer) and dev.type == "cpu":

@@ -70,10 +70,25 @@ CASES["coupling-checkerboard-bottleneck"] = (
     lambda: AffineCoupling((1, 4, 4), Mask("checkerboard", 0), bottleneck_net(4, 1, 3)),
     (1, 4, 4),
 )
+CASES["coupling-checkerboard-bottleneck-pooled"] = (
+    lambda: AffineCoupling((1, 4, 4), Mask("checkerboard", 1), bottleneck_net(4, 1, 3, pool=2)),
+    (1, 4, 4),
+)
 CASES["coupling-vector-alternate"] = (lambda: AffineCoupling((6,), Mask("alternate", 0), mlp_net(8, 2)), (6,))
 CASES["coupling-vector-half"] = (lambda: AffineCoupling((7,), Mask("half", 1), mlp_net(8, 1)), (7,))
 for _mask in ("checkerboard", "horizontal", "cycle", "channel"):
     CASES[f"realnvp-{_mask}"] = (lambda m=_mask: build_pixel_transform(_small_pixel(mask=m)), (1, 8, 8))  # type: ignore[misc]
+for _mask in ("checkerboard", "horizontal", "cycle"):
+    CASES[f"realnvp-single-scale-{_mask}"] = (
+        lambda m=_mask: build_pixel_transform(_small_pixel(mask=m, num_scales=1, final_couplings=8)),  # type: ignore[misc]
+        (1, 8, 8),
+    )
+CASES["realnvp-single-scale-bottleneck"] = (
+    lambda: build_pixel_transform(
+        _small_pixel(num_scales=1, final_couplings=4, st_net="bottleneck", bottleneck_pool=2)
+    ),
+    (1, 8, 8),
+)
 CASES["realnvp-bottleneck"] = (lambda: build_pixel_transform(_small_pixel(st_net="bottleneck")), (1, 8, 8))
 CASES["realnvp-rgb"] = (lambda: build_pixel_transform(_small_pixel(input_shape=(3, 4, 4))), (3, 4, 4))
 CASES["glow"] = (lambda: build_pixel_transform(_small_pixel(architecture="glow")), (1, 8, 8))
@@ -194,3 +209,47 @@ def test_bottleneck_limits_information() -> None:
         lambda v: net(v.reshape(1, 1, 4, 4)).reshape(-1), torch.randn(16)
     )
     assert torch.linalg.matrix_rank(jac) <= 2
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_bottleneck_is_a_linear_low_dimensional_layer(pool: int) -> None:
+    """Kirichenko et al. §7: nothing nonlinear between the map down to `latent_dim` and the map
+    back up (the old version had a ReLU there)."""
+    net = bottleneck_net(width=4, depth=1, latent_dim=3, pool=pool)((1, 8, 8), 2)
+    randomize(net)
+    seen: dict[str, torch.Tensor] = {}
+    net.down.register_forward_hook(lambda m, a, out: seen.__setitem__("code", out))
+    net.up.register_forward_pre_hook(lambda m, a: seen.__setitem__("up_input", a[0]))
+    net(torch.randn(5, 1, 8, 8))
+    assert seen["code"].shape == (5, 3)
+    assert (seen["code"] < 0).any(), "a ReLU would clip these"
+    assert torch.equal(seen["code"], seen["up_input"])
+    with pytest.raises(ValueError, match="pool 3 must divide"):
+        bottleneck_net(4, 1, 3, pool=3)((1, 8, 8), 2)
+
+
+def test_single_scale_cycle_flow_goes_twice_around_the_quadrants() -> None:
+    """The paper's cycle-mask RealNVP: 8 couplings on the image grid, no squeeze; coupling i
+    transforms quadrant i+1 from quadrant i, so every quadrant is transformed exactly twice."""
+    flow = build_pixel_transform(_small_pixel(mask="cycle", num_scales=1, final_couplings=8))
+    modules = list(flow.modules())
+    assert not any(isinstance(m, Squeeze) for m in modules)
+    couplings = [m for m in modules if isinstance(m, AffineCoupling)]
+    assert [c.mask.index for c in couplings] == list(range(8)) and all(
+        c.shape == (1, 8, 8) for c in couplings
+    )
+    transformed = sum(c.transformed[0, 0] for c in couplings)
+    assert torch.equal(transformed, torch.full((8, 8), 2.0))
+    for a, b in zip(couplings, couplings[1:], strict=False):
+        assert torch.equal(b.condition, a.transformed)  # each step reads the quadrant the last one wrote
+
+
+def test_mask_variants_have_equal_parameter_counts() -> None:
+    counts = {
+        m: sum(
+            p.numel()
+            for p in build_pixel_transform(_small_pixel(mask=m, num_scales=1, final_couplings=8)).parameters()
+        )
+        for m in ("checkerboard", "horizontal", "cycle")
+    }
+    assert len(set(counts.values())) == 1, counts
