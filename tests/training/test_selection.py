@@ -174,3 +174,15 @@ def test_bad_candidates_are_refused(quick_repository: dict[str, Path]) -> None:
         select_statistic(run, splits, candidates=["entropy"], device="cpu")
     with pytest.raises(FileNotFoundError, match="background"):
         select_statistic(run, splits, candidates=["nll", "likelihood_ratio"], device="cpu")
+
+
+def test_selection_for_an_embedding_flow(quick_repository: dict[str, Path]) -> None:
+    """An embedding flow chooses between the statistics it can compute; the proxies go through
+    the backbone like any image."""
+    run = Run(quick_repository["fmnist-embedding-quick:run"])
+    record = select_statistic(run, load_splits(run.config, with_eval_sets=False), device="cpu")
+    assert record["candidates"] == ["nll", "typicality"]
+    assert set(record["auroc"]) == {"nll", "typicality"} and record["chosen"] == choose(
+        record["worst_case_auroc"]
+    )
+    assert all(0.0 <= v <= 1.0 for row in record["auroc"].values() for v in row.values())
