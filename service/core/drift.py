@@ -678,6 +678,9 @@ class DriftMonitor:
             self._detectors.pop((kind, name), None)
 
     def items(self) -> list[tuple[str, str, OnlineDriftDetector]]:
-        """`(kind, name, detector)`, sorted."""
+        """`(kind, name, detector)`, sorted; detectors whose watched object is gone (a model unloaded
+        and released) are dropped, so their series leave the exposition."""
         with self._lock:
+            for key in [k for k, entry in self._detectors.items() if entry[0]() is None]:
+                del self._detectors[key]
             return [(k, n, entry[1]) for (k, n), entry in sorted(self._detectors.items())]

@@ -274,6 +274,11 @@ def test_monitor_binds_detectors_to_the_loaded_object() -> None:
     assert [(k, n) for k, n, _ in monitor.items()] == [("ensemble", "e"), ("model", "m")]
     monitor.forget("model", "m")
     assert monitor.get("model", "m") is None
+    third = Loaded()
+    monitor.watch("model", "gone", third, 999)
+    assert ("model", "gone") in [(k, n) for k, n, _ in monitor.items()]
+    del third  # unloaded and released: its series leave the exposition
+    assert ("model", "gone") not in [(k, n) for k, n, _ in monitor.items()]
 
 
 # ---------------------------------------------------------------------------------------------
