@@ -24,7 +24,7 @@ from service.auth import add_security_to_openapi
 from service.core import ScorerWrapper
 from service.errors import install_error_handlers
 from service.logs import RequestContextMiddleware, configure_logging
-from service.routes import drift, health, v1, v2
+from service.routes import drift, health, repository, v1, v2
 from service.schemas import ArrayBody, ImagesBody, InferRequest
 from service.settings import Settings
 from service.state import ServiceState, registry_for
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, *, wrap_scorer: ScorerWrapper |
     app.include_router(v1.router)
     app.include_router(drift.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -30,6 +30,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--admin-key", action="append", help="admin API key, repeatable (OODFLOW_ADMIN_API_KEYS)"
     )
     parser.add_argument(
+        "--version-policy",
+        help="versions to serve per model: latest:N, specific:V[,V...] or all (OODFLOW_VERSION_POLICY, latest:1)",
+    )
+    parser.add_argument(
+        "--poll-seconds",
+        type=float,
+        help="load new version folders as they appear, every N seconds (OODFLOW_POLL_SECONDS, 0: off)",
+    )
+    parser.add_argument(
         "--drift-run-length",
         type=float,
         help="online drift: images to a false alarm without drift (OODFLOW_DRIFT_RUN_LENGTH, 10000)",
@@ -48,6 +57,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "log_level": getattr(args, "log_level", None),
         "admin_api_keys": getattr(args, "admin_key", None),
         "drift_run_length": getattr(args, "drift_run_length", None),
+        "version_policy": getattr(args, "version_policy", None),
+        "poll_seconds": getattr(args, "poll_seconds", None),
     }
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 

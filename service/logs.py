@@ -80,7 +80,8 @@ _OPEN_WHILE_DRAINING = ("/healthz", "/readyz", "/metrics", "/v2/health/live", "/
 
 class RequestContextMiddleware:
     """Pure ASGI (cheaper than BaseHTTPMiddleware): request id, access log, request metrics, API-key
-    check (401), and 503 for new requests once the service drains for shutdown."""
+    check (401), 503 for new requests once the service drains for shutdown, and the request's
+    admission scope (a model version retired by a swap waits for the requests it admitted)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -119,7 +120,8 @@ class RequestContextMiddleware:
                 response = error_response(503, "shutting_down", "the service is shutting down", headers, path)
                 await response(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                with state.admission():  # model versions this request is admitted on stay loaded
+                    await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - start
             route = scope.get("route")

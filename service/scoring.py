@@ -90,7 +90,8 @@ async def score_model(
         fitted, bits = await _in_pool(state.decode_pool, _prepare, batch, model, resize)
     else:
         fitted, bits = _prepare(batch, model, resize)
-    state.metrics.stage("preprocess", served.name, time.perf_counter() - start)
+    version = str(model.manifest.version)
+    state.metrics.stage("preprocess", served.name, time.perf_counter() - start, version)
     try:
         outputs = await batcher.submit(fitted.images)
     except QueueFull as exc:
@@ -106,8 +107,8 @@ async def score_model(
             f"model '{served.name}': inference failed ({type(exc).__name__}: {exc})"
         ) from exc
     scores = model.scores(outputs, bits)
-    state.metrics.scores(served.name, scores.bits_per_dim, scores.is_ood)
-    if observe:
+    state.metrics.scores(served.name, scores.bits_per_dim, scores.is_ood, version)
+    if observe and state.serves_by_default(served):  # an old or pinned version's traffic: not the detector's
         reference_size = int(model.reference_sorted.size)
         state.drift.observe("model", served.name, model, reference_size, scores.p_value, scores.is_ood)
     return ModelOutcome(served, model.manifest, scores, fitted.resized)

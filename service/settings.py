@@ -1,6 +1,7 @@
 """Service settings: environment variables with the `OODFLOW_` prefix, or `oodflow serve` flags.
 
-Lists (`OODFLOW_MODELS`, `OODFLOW_API_KEYS`) are comma-separated. Every limit is enforced before
+Lists (`OODFLOW_MODELS`, `OODFLOW_API_KEYS`, `OODFLOW_ADMIN_API_KEYS`) are comma-separated;
+`OODFLOW_VERSION_POLICY` is `latest:N`, `specific:V[,V...]` or `all`. Every limit is enforced before
 the work it bounds is done: request bytes before parsing, pixels before decoding, queued images
 before inference.
 """
@@ -13,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.core.registry import VersionPolicy
 
 __all__ = ["Settings"]
 
@@ -91,6 +94,16 @@ class Settings(BaseSettings):
     drift_window: int = Field(
         default=1000, ge=1, description="images in the drift detectors' windowed OOD rate"
     )
+    version_policy: str = Field(
+        default="latest:1",
+        description="which versions of each model serve: latest:N (the N highest), specific:V[,V...] or all",
+    )
+    poll_seconds: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="look for new, changed or removed version folders every N seconds and load or "
+        "unload by the version policy; 0: only at start and on POST /v2/repository/models/{name}/load",
+    )
     protect_health_and_metrics: bool = Field(
         default=False, description="require a key for /healthz, /readyz, /metrics and /v2/health too"
     )
@@ -105,6 +118,11 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        return str(VersionPolicy.parse(value))
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -129,6 +147,9 @@ class Settings(BaseSettings):
                 if line and not line.startswith("#"):
                     keys.append(line)
         return [k.encode() for k in keys if k]
+
+    def parsed_version_policy(self) -> VersionPolicy:
+        return VersionPolicy.parse(self.version_policy)
 
     def resolved_admin_api_keys(self) -> list[bytes]:
         """The admin keys, as bytes for `hmac.compare_digest`."""

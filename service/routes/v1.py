@@ -204,7 +204,10 @@ async def list_models(request: Request) -> Response:
     registry = get_state(request).registry
     return json_response(
         {
-            "models": [model_summary(m) for m in registry.models.values()],
+            "models": [
+                {**model_summary(m), "versions": registry.version_table(m.name)}
+                for m in registry.models.values()
+            ],
             "ensembles": [ensemble_summary(e) for e in registry.ensembles.values()],
         }
     )
@@ -216,7 +219,11 @@ async def list_models(request: Request) -> Response:
     responses={404: ERROR_RESPONSES[404]},
 )
 async def get_model(name: str, request: Request) -> Response:
-    return json_response(model_summary(get_state(request).registry.get(name), detail=True))
+    registry = get_state(request).registry
+    served = registry.get(name)
+    return json_response(
+        {**model_summary(served, detail=True), "versions": registry.version_table(served.name)}
+    )
 
 
 @router.post(

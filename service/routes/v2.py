@@ -17,7 +17,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.core import Scores, ServedModel
+from service.core import Scores, ServedModel, UnknownModel
 from service.errors import BadRequest, ModelNotFound, error_response
 from service.parsing import parse_infer_body, read_body
 from service.routes.common import ERROR_RESPONSES, get_state, json_response, unless_disconnected
@@ -70,10 +70,10 @@ async def ready(request: Request) -> Response:
 
 
 def _served(request: Request, name: str, version: str | None) -> ServedModel:
-    served = get_state(request).registry.get(name)
-    if version is not None and str(served.version) != version:
-        raise ModelNotFound(f"model '{name}' version {version} is not served (serving {served.version})")
-    return served
+    try:
+        return get_state(request).registry.get(name, version)
+    except UnknownModel as exc:
+        raise ModelNotFound(str(exc)) from None
 
 
 def _metadata(request: Request, served: ServedModel) -> dict[str, object]:
@@ -85,7 +85,7 @@ def _metadata(request: Request, served: ServedModel) -> dict[str, object]:
     )
     return {
         "name": served.name,
-        "versions": [str(served.version)],
+        "versions": [str(v) for v in get_state(request).registry.serving_versions(served.name)],
         "platform": _PLATFORMS.get(model.scorer.runtime, model.scorer.runtime),
         "inputs": [{"name": "images", "datatype": "UINT8", "shape": shape}],
         "outputs": [{"name": name, "datatype": dt, "shape": [-1]} for name, (dt, _) in OUTPUTS.items()],

@@ -222,8 +222,8 @@ def test_concurrent_requests_are_batched_with_identical_results(
         for line in text.splitlines():
             if line.startswith("oodflow_batch_images_") and f'model="{GREY_MODEL}"' in line:
                 values[line.split(" ")[0]] = float(line.split(" ")[1])
-        ones = values[f'oodflow_batch_images_bucket{{le="1.0",model="{GREY_MODEL}"}}']
-        return ones, values[f'oodflow_batch_images_count{{model="{GREY_MODEL}"}}']
+        ones = values[f'oodflow_batch_images_bucket{{le="1.0",model="{GREY_MODEL}",version="1"}}']
+        return ones, values[f'oodflow_batch_images_count{{model="{GREY_MODEL}",version="1"}}']
 
     ones_before, count_before = histogram()
     with ThreadPoolExecutor(len(bodies) * 2) as pool:
@@ -240,13 +240,14 @@ def test_metrics_exposition(service: Server, grey_images: np.ndarray) -> None:
     text = service.client.get("/metrics").text
     for needle in (
         'oodflow_http_requests_total{method="POST",route="/v1/models/{name}/score",status="200"}',
-        'oodflow_stage_seconds_count{model="",stage="decode"}',
-        f'oodflow_stage_seconds_count{{model="{GREY_MODEL}",stage="queue_wait"}}',
-        f'oodflow_stage_seconds_count{{model="{GREY_MODEL}",stage="inference"}}',
-        f'oodflow_queue_images{{model="{GREY_MODEL}"}}',
-        f'oodflow_bits_per_dim_count{{model="{GREY_MODEL}"}}',
+        'oodflow_stage_seconds_count{model="",stage="decode",version=""}',
+        f'oodflow_stage_seconds_count{{model="{GREY_MODEL}",stage="queue_wait",version="1"}}',
+        f'oodflow_stage_seconds_count{{model="{GREY_MODEL}",stage="inference",version="1"}}',
+        f'oodflow_queue_images{{model="{GREY_MODEL}",version="1"}}',
+        f'oodflow_bits_per_dim_count{{model="{GREY_MODEL}",version="1"}}',
         f'oodflow_verdicts_total{{model="{GREY_MODEL}",verdict=',
-        f'oodflow_model_ready{{model="{GREY_MODEL}"}} 1.0',
+        f'oodflow_model_ready{{model="{GREY_MODEL}",version="1"}} 1.0',
+        f'oodflow_model_version{{model="{GREY_MODEL}"}} 1.0',
     ):
         assert needle in text, needle
 

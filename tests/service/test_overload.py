@@ -135,7 +135,10 @@ def test_sigterm_finishes_in_flight_requests_then_exits(repository: Path) -> Non
 
         def running() -> bool:  # the request's batch has been cut: it is in inference now
             metrics = httpx.get(f"{url}/metrics").text
-            return f'oodflow_stage_seconds_count{{model="{GREY_MODEL}",stage="queue_wait"}} 1.0' in metrics
+            return (
+                f'oodflow_stage_seconds_count{{model="{GREY_MODEL}",stage="queue_wait",version="1"}} 1.0'
+                in metrics
+            )
 
         assert reaches(running, timeout_s=20)
         process.send_signal(signal.SIGTERM)
