@@ -288,50 +288,57 @@ def load_model_reference(repository: Path, name: str) -> np.ndarray:
 
 
 def _print(report: dict[str, Any], args: argparse.Namespace) -> None:
-    configured = report["run_length"]
+    models = report["models"]
     print(
-        f"\n### Run length to a false alarm (configured {configured:,.0f} images, {args.streams} streams)\n"
+        f"\nRun length to a false alarm, configured {report['run_length']:,.0f} images ({args.streams} streams):\n"
     )
-    print("| model | reference n | weight r / threshold h | in-control tail rates (upper, lower) | "
-          "mean run length ± se | median | alarms before configured |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for name, e in report["models"].items():
+    print(
+        "| model | reference n | r / h | in-control tail rates (upper, lower) | exact ARL at α | "
+        "mean run length ± se | median | streams alarming before the configured run length |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, e in models.items():
         f, d = e["false_alarm_run_length"], e["design"]
+        censored = f" ({f['censored']} censored at {f['cap']:,})" if f["censored"] else ""
         print(
-            f"| {name} | {e['reference_size']} | {d['weight']} / {d['threshold_units']} | "
-            f"{f['in_control_upper_rate']:.4f}, {f['in_control_lower_rate']:.4f} (design {d['alpha']:.4f}) | "
-            f"{f['mean']:,.0f} ± {f['se']:,.0f}{' (censored ' + str(f['censored']) + ')' if f['censored'] else ''} | "
+            f"| {name} | {e['reference_size']:,} | {d['weight']} / {d['threshold_units']} | "
+            f"{f['in_control_upper_rate']:.4f}, {f['in_control_lower_rate']:.4f} | "
+            f"{d['run_length_at_alpha']:,.0f} | {f['mean']:,.0f} ± {f['se']:,.0f}{censored} | "
             f"{f['median']:,.0f} | {100 * f['alarm_before_configured']:.0f} % |"
         )
-    print(f"\n### Detection delay in images after the switch ({args.warmup} in-distribution images first; "
-          "median (90th percentile), % detected within 4,000)\n")  # fmt: skip
-    header = " | ".join(f"{s} {100 * c:g} %" for s in OOD_SETS for c in CONTAMINATIONS)
-    print(f"| model | {header} |")
-    print("|---|" + "---|" * (len(OOD_SETS) * len(CONTAMINATIONS)))
-    for name, e in report["models"].items():
-        cells = []
-        for s in OOD_SETS:
-            for c in CONTAMINATIONS:
-                x = e["delay"][s][f"{c:g}"]
-                cells.append(
-                    f"{x['median']:.0f} ({x['p90']:.0f})"
-                    + ("" if x["detected"] >= 0.995 else f" {100 * x['detected']:.0f} %")
-                )
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print(f"\n### Batch test, {args.batch} images a batch: rejections at 5 % ({args.batch_reps} batches)\n")
     print(
-        "| model | in-distribution (size) | "
-        + " | ".join(f"{s} {100 * c:g} %" for s in OOD_SETS for c in CONTAMINATIONS)
-        + " |"
+        "\nDetection delay, images after the switch until the alarm (median, 90th percentile in "
+        f"brackets; each stream served {args.warmup:,} in-distribution images first):\n"
     )
-    print("|---|---|" + "---|" * (len(OOD_SETS) * len(CONTAMINATIONS)))
-    for name, e in report["models"].items():
+    print("| model | OOD fraction | " + " | ".join(OOD_SETS) + " |")
+    print("|---|---|" + "---|" * len(OOD_SETS))
+    for name, e in models.items():
+        for c in CONTAMINATIONS:
+            cells = []
+            for s in OOD_SETS:
+                x = e["delay"][s][f"{c:g}"]
+                if not x["detected"] > 0:
+                    cells.append("not detected")
+                    continue
+                cell = f"{x['median']:.0f} ({x['p90']:.0f})"
+                if x["detected"] < 0.995:
+                    cell += f", {100 * x['detected']:.0f} % within 4,000"
+                cells.append(cell)
+            print(f"| {name} | {100 * c:g} % | " + " | ".join(cells) + " |")
+    print(
+        f"\nBatch test, {args.batch} images a batch, rejected at 5 % ({args.batch_reps} batches; "
+        "in-distribution: the size):\n"
+    )
+    fractions = " / ".join(f"{100 * c:g}" for c in CONTAMINATIONS)
+    print("| model | in-distribution | " + " | ".join(f"{s} {fractions} %" for s in OOD_SETS) + " |")
+    print("|---|---|" + "---|" * len(OOD_SETS))
+    for name, e in models.items():
         b = e["batch"]
-        cells = [f"{100 * b['power'][s][f'{c:g}']:.0f} %" for s in OOD_SETS for c in CONTAMINATIONS]
+        cells = [" / ".join(f"{100 * b['power'][s][f'{c:g}']:.0f}" for c in CONTAMINATIONS) for s in OOD_SETS]
         print(f"| {name} | {100 * b['size']:.1f} % | " + " | ".join(cells) + " |")
-    print("\nmedian served p-value per set: ")
-    for name, e in report["models"].items():
-        print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in e["median_p_value"].items()))
+    print("\nMedian served p-value per set:")
+    for name, e in models.items():
+        print(f"- {name}: " + ", ".join(f"{k} {v:.2g}" for k, v in e["median_p_value"].items()))
 
 
 if __name__ == "__main__":
