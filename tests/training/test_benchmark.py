@@ -278,3 +278,32 @@ def test_unknown_target_lists_what_exists(bench_repository: Path) -> None:
         DatasetError, match="models: fmnist-embedding-quick, fmnist-pixel-quick; ensembles: quick-pair"
     ):
         run_benchmark("nope", bench_repository, **FAST)
+
+
+def test_stale_ensemble_is_a_one_line_error(bench_repository: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    shutil.copytree(bench_repository, repository)
+    ensemble = EnsembleManifest.model_validate_json(
+        (repository / "_ensembles" / f"{ENSEMBLE}.json").read_text()
+    )
+    pixel = ensemble.members[0]
+    other = "typicality" if pixel.statistic != "typicality" else "nll"
+    for name, member, message in (
+        (
+            "missing",
+            pixel.model_copy(update={"version": 7}),
+            "needs fmnist-pixel-quick version 7, which is not in",
+        ),
+        (
+            "wrong-statistic",
+            pixel.model_copy(update={"statistic": other}),
+            f"is stale: member 'fmnist-pixel-quick' is a pixel/{pixel.statistic} model, the ensemble needs pixel/{other}",
+        ),
+    ):
+        write_ensemble(
+            repository,
+            ensemble.model_copy(update={"name": name, "members": [member, *ensemble.members[1:]]}),
+        )
+        with pytest.raises(DatasetError, match=message) as info:
+            run_benchmark(name, repository, **FAST)
+        assert "\n" not in str(info.value)
