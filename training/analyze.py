@@ -560,8 +560,8 @@ def analysis_markdown(
         "2020): §5 latent spaces, §6 transformations learned by coupling layers (co-adaptation), §7 masks.",
         "",
         "Each caption says what the figure shows and what the paper claims; the *Measured* sentence is computed on "
-        "more images than the figure shows, against a control (the edge map of another image; an all-black and a "
-        "mean-of-visible-pixels guess), and claims only what those numbers show (`training/analyze.py`: "
+        "more images than the figure shows, against a control (a shuffled-edge control: the edge map of another "
+        "image of the same group; an all-black and a mean-of-visible-pixels guess), and claims only what those numbers show (`training/analyze.py`: "
         "`edge_verdict`, `prediction_verdict`).",
         "",
     ]

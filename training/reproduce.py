@@ -680,7 +680,7 @@ def _comparison(
     return improvement_verdict(deltas, base.auroc(statistic)), deltas
 
 
-def _findings(results: list[_Scored], families: list[str]) -> list[str]:
+def _findings(results: list[_Scored], families: list[str], default_statistic: str | None = None) -> list[str]:
     """Every verdict of reproduction.md, from the measured numbers (the functions above)."""
     by = {r.name: r for r in results}
     pixel = [r for r in results if r.kind == "pixel"]
@@ -807,7 +807,13 @@ def _findings(results: list[_Scored], families: list[str]) -> list[str]:
                 "- The default `fmnist-pixel` model is a multi-scale checkerboard RealNVP; on that variant the "
                 f"statistics rank, on {FAMILY_LABELS.get(first, first)}: "
                 + ", ".join(f"{STATISTIC_LABELS[k]} {rows[k][first]['auroc']:.3f}" for k in ranked)
-                + f" (AUROC). `fmnist-pixel` ships `{DEFAULT_PIXEL_STATISTIC}`."
+                + f" (AUROC). `fmnist-pixel` ships `{DEFAULT_PIXEL_STATISTIC}`"
+                + (
+                    f" (chosen on validation data and OOD proxies only, `training.selection`; on this flow it "
+                    f"picks {STATISTIC_LABELS.get(default_statistic, default_statistic)})."
+                    if DEFAULT_PIXEL_STATISTIC == "auto" and default_statistic
+                    else "."
+                )
             )
     return lines
 
@@ -858,6 +864,7 @@ def _markdown(
     elapsed: float,
     data_sizes: dict[str, int],
     command: str,
+    default_statistic: str | None = None,
 ) -> str:
     def ensemble_rows(metric: str) -> list[str]:
         return [
@@ -922,7 +929,7 @@ def _markdown(
         "bootstrap interval over the test images, or the best pixel flow. The bootstrap covers the test sample, not "
         "training noise (one seed per flow), so a small but 'significant' difference can still be a seed effect.",
         "",
-        *_findings(results, families),
+        *_findings(results, families, default_statistic),
         "",
         "Figures of the flows' internals (§5 latents, §6 s and t maps, coupling outputs, co-adaptation) are in "
         "[analysis.md](analysis.md).",
@@ -1119,6 +1126,7 @@ def _reproduce(
         _histograms(fig, f"{variant.label}: Fashion-MNIST (in) vs {families[0]}", scored, families[0])
         figures[variant.label] = (rel_root / fig.name).as_posix()
     ensembles: dict[str, dict[str, dict[str, float]]] = {}
+    default_statistic: str | None = None
     if with_embedding:
         log("embedding flow: features and training")
         emb_config = RunConfig(
@@ -1169,6 +1177,7 @@ def _reproduce(
                 from training.selection import select_statistic
 
                 statistic = select_statistic(Run(runs_dir / partner.name), splits, device=device)["chosen"]
+            default_statistic = statistic
             for rule in ("fisher", "min_p"):
                 keys = ["test", *(f"ood-{f}" for f in families)]
                 comb = combine_members(
@@ -1184,7 +1193,7 @@ def _reproduce(
     if analysis:
         from training.analyze import analyze_many
 
-        chosen_names = {r.name: r.label for r in results}
+        chosen_names = {r.name: r.label.removesuffix(" + background") for r in results}
         targets = {
             chosen_names[n]: runs_dir / n
             for n in ("realnvp-checkerboard", "single-checkerboard", "single-horizontal", "single-cycle")
@@ -1208,7 +1217,9 @@ def _reproduce(
     }
     command = f"oodflow reproduce --budget {budget}"
     output.parent.mkdir(parents=True, exist_ok=True)
-    text = _markdown(profile, results, ensembles, families, figures, elapsed, sizes, command)
+    text = _markdown(
+        profile, results, ensembles, families, figures, elapsed, sizes, command, default_statistic
+    )
     if failures:
         text += "\n## Variants that failed\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
     output.write_text(text)

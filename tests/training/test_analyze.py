@@ -1,4 +1,5 @@
-"""`oodflow analyze`: the figures exist and have the expected grid sizes."""
+"""`oodflow analyze`: the figures exist and have the expected grid sizes; the captions' verdicts
+follow from known numbers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from models.config import PixelFlowConfig
 from models.coupling import AffineCoupling
 from models.flows import PixelFlow
 from models.transforms import Squeeze
-from training.analyze import analyze, analyze_model, to_grid, trace_couplings
+from training.analyze import (
+    analyze,
+    analyze_model,
+    edge_caption,
+    edge_verdict,
+    measure,
+    prediction_caption,
+    prediction_verdict,
+    to_grid,
+    trace_couplings,
+)
 from training.data import load_dataset
 
 
@@ -90,3 +101,53 @@ def test_analyze_an_exported_artifact(quick_repository: dict[str, Path], tmp_pat
         assert f"](figures/{name})" in text and (out / name).is_file()
     with pytest.raises(ValueError, match="pixel flow"):
         analyze(quick_repository["fmnist-embedding-quick"], tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "own, control, verdict",
+    [
+        (0.45, 0.10, "follows"),
+        (0.25, 0.20, "no more than control"),  # the layout every image shares, not its own edges
+        (-0.21, 0.05, "opposes"),  # the old caption said "t follows the outline" on these numbers
+        (-0.05, 0.00, "no more than control"),
+    ],
+)
+def test_edge_verdict(own: float, control: float, verdict: str) -> None:
+    assert edge_verdict(own, control) == verdict
+
+
+def test_edge_caption_claims_only_what_the_numbers_show() -> None:
+    text = edge_caption("|t| of the first coupling", (-0.21, -0.30), (0.02, 0.01))
+    assert "-0.21" in text and "-0.30" in text and "another image" in text
+    assert "*anti*-correlated" in text and "follows the input's own edges" not in text
+    text = edge_caption("|z|", (0.45, 0.12), (0.10, 0.10))
+    assert "|z| follows the input's own edges on in-distribution images" in text
+    assert "no more than another image's edges on OOD images" in text
+
+
+def test_prediction_verdict_against_blank_and_mean_guesses() -> None:
+    # within 10% of the best guess is no better than it
+    assert prediction_verdict(33, {"all-black guess": 35, "mean of the visible pixels": 40}) == "no better"
+    assert prediction_verdict(20, {"all-black guess": 35, "mean of the visible pixels": 40}) == "better"
+    assert prediction_verdict(67, {"all-black guess": 63, "mean of the visible pixels": 50}) == "worse"
+    clause, verdicts = prediction_caption(
+        "coupling 1", (20.0, 33.0), {"all-black guess": (63.0, 35.0), "mean": (45.0, 40.0)}
+    )
+    assert verdicts == ("better", "no better")
+    assert "better than every guess on in-distribution images" in clause
+    assert "no better than the best guess on OOD images" in clause
+
+
+def test_measure_on_a_real_flow_writes_a_caption_per_figure() -> None:
+    model = _flow("checkerboard")
+    images = np.concatenate(
+        [
+            load_dataset("fashion-mnist:test", limit=4, seed=0).images,
+            load_dataset("mnist", limit=4, seed=0).images,
+        ]
+    )
+    labels = [f"in {i}" for i in range(4)] + [f"OOD {i}" for i in range(4)]
+    notes = measure(model, images, labels)
+    assert set(notes) == {"latent.png", "st_maps.png", "coupling_outputs.png", "coadaptation.png"}
+    assert all(text.startswith("Measured:") for text in notes.values())
+    assert "all-black guess" in notes["coadaptation.png"] and "§6" in notes["coadaptation.png"]
