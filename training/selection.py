@@ -128,13 +128,16 @@ def _blur(images: np.ndarray, labels: np.ndarray | None, rng: np.random.Generato
 def _blend(images: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
     n = len(images)
     partner = rng.permutation(n)
-    if labels is not None and len(np.unique(labels)) > 1:
-        # re-draw partners of the same class a few times: most pairs then mix two classes
-        for _ in range(10):
-            same = labels[partner] == labels
-            if not same.any():
-                break
-            partner[same] = rng.integers(0, n, size=int(same.sum()))
+    classes = labels is not None and len(np.unique(labels)) > 1
+    # re-draw partners that are the image itself (or of its class, where labelled) a few times
+    for _ in range(10 if n > 1 else 0):
+        same = partner == np.arange(n)
+        if classes:
+            assert labels is not None
+            same |= labels[partner] == labels
+        if not same.any():
+            break
+        partner[same] = rng.integers(0, n, size=int(same.sum()))
     mixed = (images.astype(np.uint16) + images[partner].astype(np.uint16) + 1) // 2
     return mixed.astype(np.uint8)
 

@@ -80,8 +80,10 @@ def test_proxies_destroy_the_object_and_keep_low_level_statistics() -> None:
 def test_proxies_of_colour_images_of_any_size() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(6, 3, 30, 26), dtype=np.uint8)
-    for name, proxy in make_proxies(ImageSet("rgb", images)).items():
+    proxies = make_proxies(ImageSet("rgb", images))  # no labels
+    for name, proxy in proxies.items():
         assert proxy.images.shape == images.shape, name
+    assert all(not np.array_equal(b, x) for b, x in zip(proxies["blend"].images, images, strict=True))
 
 
 def test_auroc_is_the_mann_whitney_statistic() -> None:
