@@ -61,6 +61,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     import ray  # a test dependency (pyproject `test` extra): missing, the Ray engine test fails
+
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -408,3 +409,42 @@ def test_combined_rows_match_the_service_rule(tmp_path: Path, artifacts: dict[st
     resolve_ensembles(ensembles, loaded)
     assert ensembles[0].status == "stale" and "embedding/nll" in (ensembles[0].reason or "")
     assert combined_rows(table, ensembles) is None
+
+
+def test_ensembles_resolved_and_reported_like_the_service(
+    ens_repository: Path, inputs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """score-batch reads the repository's ensembles by the service's rules (`service.core.ensembles`):
+    the valid one gives combined rows, a stale one and an unreadable one are reported with their
+    reasons, never skipped silently."""
+    photos = str(inputs["root"] / "images" / "photos")
+    common = ["--repository", str(ens_repository), "--resize", "--no-progress"]
+    assert (
+        main(
+            [
+                photos,
+                "--model",
+                GREY_MODEL,
+                "--model",
+                RGB_MODEL,
+                "--output",
+                str(tmp_path / "a.csv"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "ensemble both: valid" in out
+    assert (
+        f"ensemble a-stale: stale: member '{GREY_MODEL}' is served at version 1, the ensemble needs version 7"
+        in out
+    )
+    assert "ensemble broken: failed:" in out and "invalid ensemble manifest" in out
+    rows = _read(tmp_path / "a.csv").to_pylist()
+    combined = [r for r in rows if r["model"] == "combined:both"]
+    assert len(combined) == 20 and all(r["error"] == "" for r in combined)
+    # Without one member the valid ensemble is stale here too, with the service's reason.
+    assert main([photos, "--model", GREY_MODEL, "--output", str(tmp_path / "b.csv"), *common]) == 0
+    assert f"ensemble both: stale: member '{RGB_MODEL}' is not served" in capsys.readouterr().out
+    assert not [r for r in _read(tmp_path / "b.csv").to_pylist() if r["model"].startswith("combined:")]

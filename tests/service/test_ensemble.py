@@ -2,80 +2,27 @@
 
 The repository here holds copies of the two small test models and three ensembles over them:
 `a-stale` (a member version that is not served: listed as stale, never used), `both` (valid) and
-`broken` (unreadable JSON: failed). The valid ensemble's calibration comes from the two members'
-calibration reference scores through the training side's `combine_members` (the two models were
-calibrated on different images of the same count, so the pairing is artificial; the service only
-needs a well-formed calibration, and the tests check the arithmetic against `combined_verdict`).
+`broken` (unreadable JSON: failed), written by the `ens_repository` fixture (conftest.py). The
+valid ensemble's calibration comes from the two members' leave-one-out reference p-values (the two
+models were calibrated on different images, so the pairing is artificial; the service only needs a
+well-formed calibration, and the tests check the arithmetic against `combined_verdict`).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from models.artifact import (
-    Calibration,
-    EnsembleManifest,
-    EnsembleMember,
-    ensemble_path,
-    load_manifest,
-    write_ensemble,
-)
-from models.scores import combine_p_values, combined_verdict, leave_one_out_p_values
+from models.artifact import EnsembleManifest, ensemble_path
+from models.scores import combined_verdict
 from service.schemas import ModelList, MultiModelScores
 from service.state import registry_for
+from tests.service.conftest import ENSEMBLE, STALE
 from tests.service.helpers import GREY_MODEL, RGB_MODEL, Server, b64, base_settings, running_server
-from training.ensemble import RULE_DEFINITIONS
-
-ENSEMBLE = "both"
-STALE = "a-stale"  # sorts before ENSEMBLE: selection must skip it
-
-
-def _member(version_dir: Path, version: int | None = None) -> EnsembleMember:
-    m = load_manifest(version_dir)
-    return EnsembleMember(name=m.name, version=version or m.version, kind=m.kind, statistic=m.score.statistic)
-
-
-@pytest.fixture(scope="module")
-def ens_repository(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repository = tmp_path_factory.mktemp("ensembles") / "repository"
-    for name, version_dir in artifacts.items():
-        shutil.copytree(version_dir, repository / name / version_dir.name)
-    grey, rgb = (load_manifest(artifacts[n]) for n in (GREY_MODEL, RGB_MODEL))
-    refs = [np.asarray(m.calibration.reference_scores) for m in (grey, rgb)]
-    n = min(len(r) for r in refs)  # any in-distribution p-values will do for a fixture
-    reference = np.sort(combine_p_values(np.stack([leave_one_out_p_values(r)[:n] for r in refs]), "fisher"))
-    threshold = float(np.quantile(reference, 0.95))
-    calibration = Calibration(
-        target_fpr=0.05,
-        threshold=threshold,
-        validation_set="calibration",
-        validation_size=len(reference),
-        validation_fpr=float(np.mean(reference > threshold)),
-        reference_scores=reference.tolist(),
-    )
-    members = [_member(artifacts[GREY_MODEL]), _member(artifacts[RGB_MODEL])]
-    for name, listed in (
-        (ENSEMBLE, members),
-        (STALE, [_member(artifacts[GREY_MODEL], version=7), members[1]]),
-    ):
-        write_ensemble(
-            repository,
-            EnsembleManifest(
-                name=name,
-                rule="fisher",
-                rule_definition=RULE_DEFINITIONS["fisher"],
-                members=listed,
-                calibration=calibration,
-            ),
-        )
-    ensemble_path(repository, "broken").write_text("{not json")
-    return repository
 
 
 @pytest.fixture(scope="module")
