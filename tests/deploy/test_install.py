@@ -228,6 +228,54 @@ def test_serving_imports_nothing_of_training(tmp_path: Any) -> None:
     assert report["fastapi"]
 
 
+_PARSER_WITHOUT = """
+import importlib.abc, json, sys
+BLOCKED = set(json.loads(sys.argv[1]))
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in BLOCKED:
+            raise ImportError(f"{fullname} is not part of a training install")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+import oodflow.cli
+parser = oodflow.cli.build_parser()
+print(json.dumps(sorted(parser._subparsers._group_actions[0].choices)))
+"""
+# Top-level modules of the `serve` extra's distributions (not in the core install).
+SERVE_ONLY_MODULES = {
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "multipart",
+    "python_multipart",
+    "prometheus_client",
+    "orjson",
+    "uvloop",
+    "httptools",
+    "pyarrow",
+}
+
+
+def test_every_verb_parses_in_a_training_install() -> None:
+    """`oodflow[train]` without `serve`: the console script still builds its parser (it takes
+    `serve`'s defaults from the service settings, whose pydantic-settings is a core dependency)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _PARSER_WITHOUT, json.dumps(sorted(SERVE_ONLY_MODULES))],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"build-defaults", "train", "serve", "score-batch"} <= set(
+        json.loads(result.stdout.strip().splitlines()[-1])
+    )
+    serve_extra = _names([Requirement(r) for r in EXTRAS["serve"]])
+    assert "pydantic-settings" in _names(_requirements()) and "pydantic-settings" not in serve_extra
+
+
 def test_the_import_blocker_can_fail(tmp_path: Any) -> None:
     """Blocking a module serving does need is seen: the check is not a rubber stamp."""
     result = subprocess.run(
