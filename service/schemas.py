@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.scores import OOD_STATISTICS, CombinationRule
+
 __all__ = [
     "EXAMPLE_ARRAY_B64",
     "EXAMPLE_PNG_B64",
@@ -127,9 +129,7 @@ class ModelScores(BaseModel):
     model: str
     version: int
     kind: Literal["pixel", "embedding"]
-    statistic: str = Field(
-        description="the manifest's OOD statistic (nll, typicality, complexity, likelihood_ratio)"
-    )
+    statistic: str = Field(description=f"the manifest's OOD statistic ({', '.join(OOD_STATISTICS)})")
     results: list[ScoreResult] = Field(description="one per input image, in input order")
 
 
@@ -170,7 +170,7 @@ class CombinedVerdict(BaseModel):
         }
     )
     ensemble: str
-    rule: Literal["fisher", "min_p"] = Field(
+    rule: CombinationRule = Field(
         description="fisher: -2 Σ ln p_k; min_p: -ln min(1, K·min p_k), over the members' p_values"
     )
     members: list[EnsembleMemberRef] = Field(description="in the order their p-values are combined")
@@ -193,7 +193,7 @@ class EnsembleSummary(BaseModel):
         "failed: unreadable manifest"
     )
     reason: str | None = None
-    rule: Literal["fisher", "min_p"] | None = None
+    rule: CombinationRule | None = None
     members: list[EnsembleMemberRef] = Field(default_factory=list)
     threshold: float | None = None
     target_fpr: float | None = None
