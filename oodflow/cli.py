@@ -91,6 +91,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"threshold {c['threshold']:.5f} ({c['statistic']}) at target FPR {c['target_fpr']:.1%} on "
         f"{c['validation_size']} held-out images; observed FPR {c['validation_fpr']:.2%}"
     )
+    selection = c.get("selection", {})
+    if selection.get("by") == "selection":
+        worst = ", ".join(f"{k} {v:.3f}" for k, v in selection["worst_case_auroc"].items())
+        print(f"statistic chosen on validation data and OOD proxies; worst-case proxy AUROC: {worst}")
     return 0
 
 
@@ -353,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(
                 "--statistic",
-                choices=["nll", "typicality", "complexity", "likelihood_ratio"],
-                help="OOD statistic (default: the run config's)",
+                choices=["nll", "typicality", "complexity", "likelihood_ratio", "auto"],
+                help="OOD statistic (default: the run config's); auto: chosen on validation data and "
+                "OOD proxies only (training.selection); a named one is recorded as chosen by the user",
             )
         p.set_defaults(func=fn)
 
