@@ -565,13 +565,15 @@ def build(
     progress: bool = True,
     profile: Profile = "default",
     skip_built: bool = False,
+    shape: tuple[int, int, int] | None = None,
     out: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build `<name>-embedding`, `<name>-pixel` and the ensemble `<name>` from dataset spec `data`.
 
     `skip_built`: return at once when the repository already holds verified models and an
     up-to-date ensemble of that name (`build-defaults`); otherwise an existing model name is an
-    error unless `force` (then new versions are added). Raises `BuildError` (one line) for bad
+    error unless `force` (then new versions are added). `shape`: pin the input spec `(C, H, W)`
+    instead of choosing it (the default models keep Fashion-MNIST's 1x28x28 whatever the budget). Raises `BuildError` (one line) for bad
     input before anything is trained or written to the repository.
     """
     began = time.monotonic()
@@ -610,7 +612,7 @@ def build(
         with inner_progress(False):
             return _build(
                 data, repository, name, test, list(ood), minutes, dev, device, pixel, runs_dir,
-                profile, progress_display, began, out,
+                profile, progress_display, began, out, shape,
             )  # fmt: skip
     except (OSError, FloatingPointError) as error:
         # Disk full, permissions changed mid-build, a diverging flow: still one line, no traceback.
@@ -635,6 +637,7 @@ def _build(
     display: BuildProgress,
     began: float,
     out: Callable[[str], None],
+    pinned: tuple[int, int, int] | None = None,
 ) -> BuildResult:
     from training.calibrate import calibrate
     from training.evaluate import evaluate
@@ -651,6 +654,12 @@ def _build(
     if len(set(ood)) != len(ood):
         raise BuildError("--ood names the same set twice")
     choice = choose_input(survey)
+    if pinned is not None:
+        choice = InputChoice(
+            tuple(pinned),  # type: ignore[arg-type]
+            f"input {pinned[0]}x{pinned[1]}x{pinned[2]}: fixed for this build (the data's own: "
+            f"{choice.policy.removeprefix('input ')})",
+        )
     shape = choice.shape
     datasets: dict[tuple[Any, ...], ImageSet] = {}
     nominal_steps = 30 if profile == "tiny" else 1000
@@ -699,7 +708,7 @@ def _build(
             )
         if with_pixel:
             steps = int(0.9 * pixel_s / probe.pixel_step_s)
-            while steps < MIN_PIXEL_STEPS and min(shape[1:]) > 16:
+            while steps < MIN_PIXEL_STEPS and min(shape[1:]) > 16 and pinned is None:
                 # Fewer pixels: a smaller flow input the budget can train.
                 shape = (shape[0], max(16, _side(shape[1] // 2)), max(16, _side(shape[2] // 2)))
                 choice = InputChoice(
