@@ -15,7 +15,8 @@ from tests.deploy.conftest import DEPLOY
 from tests.deploy.kustomize import KustomizeError, render
 
 K8S_VERSION = "1.31.0"  # the oldest release still in upstream support when these were written
-KUSTOMIZATIONS = ["base", "overlays/gpu", "ray"]
+KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/repository-api", "overlays/rollout-new-models", "ray"]
+SERVICE_OVERLAYS = ["base", "overlays/gpu", "overlays/repository-api", "overlays/rollout-new-models"]
 K8S = DEPLOY / "k8s"
 
 
@@ -104,6 +105,17 @@ def test_references_resolve(rendered: tuple[str, list[dict[str, Any]]]) -> None:
                     )
                 for source in container.get("envFrom", []):
                     assert ("ConfigMap", source["configMapRef"]["name"]) in names
+                for variable in container.get("env", []):
+                    secret = variable.get("valueFrom", {}).get("secretKeyRef")
+                    if secret is not None:
+                        rendered_secret = next(
+                            o
+                            for o in everything
+                            if (o["kind"], o["metadata"]["name"]) == ("Secret", secret["name"])
+                        )
+                        assert secret["key"] in rendered_secret.get(
+                            "stringData", rendered_secret.get("data", {})
+                        )
             for volume in volumes.values():
                 if "secret" in volume:
                     assert ("Secret", volume["secret"]["secretName"]) in names
@@ -125,7 +137,7 @@ def test_references_resolve(rendered: tuple[str, list[dict[str, Any]]]) -> None:
         assert namespaces == {"oodflow"}
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS)
 def test_service_deployment(overlay: str) -> None:
     objects = render(K8S / overlay)
     deployment = _one(objects, "Deployment")
@@ -208,3 +220,89 @@ def test_manifests_are_plain_yaml() -> None:
     for path in sorted(K8S.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc is None or isinstance(doc, dict), path
+
+
+# ---------------------------------------------------------------- new model versions (issue 14)
+
+
+def _serve_settings(objects: list[dict[str, Any]]) -> tuple[Settings, dict[str, Any]]:
+    """The Settings a pod of the rendered Deployment starts with: ConfigMap, env, then its args."""
+    import argparse
+
+    from service.cli import add_serve_arguments
+
+    deployment = _one(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    data = _one(objects, "ConfigMap")["data"]
+    values: dict[str, Any] = {
+        k[len("OODFLOW_") :].lower(): v for k, v in data.items() if k != "OODFLOW_API_KEY_FILE"
+    }
+    for variable in container.get("env", []):
+        if "value" in variable:
+            values[variable["name"][len("OODFLOW_") :].lower()] = variable["value"]
+    args = container["args"]
+    assert args[0] == "serve"
+    flags = add_serve_arguments(argparse.ArgumentParser()).parse_args(args[1:])
+    if flags.poll_seconds is not None:
+        values["poll_seconds"] = flags.poll_seconds
+    if flags.version_policy is not None:
+        values["version_policy"] = flags.version_policy
+    return Settings(**values), container
+
+
+@pytest.mark.parametrize("overlay", SERVICE_OVERLAYS)
+def test_rolling_update_keeps_capacity(overlay: str) -> None:
+    """Way 1 (new image or model volume): a new pod must be ready (every model loaded, verified,
+    warmed) before an old one goes, and an old one drains before it exits."""
+    objects = render(K8S / overlay)
+    deployment = _one(objects, "Deployment")
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0 and strategy["rollingUpdate"]["maxSurge"] >= 1
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    settings, _ = _serve_settings(objects)
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_timeout_s + pre_stop
+    pdb = _one(objects, "PodDisruptionBudget")["spec"]
+    # Evictions (node drains) take at most one pod at a time; 0 would block every drain.
+    assert pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb
+    assert deployment["spec"]["replicas"] >= 2 or overlay == "overlays/gpu"
+
+
+def test_new_model_volume_rolls_out() -> None:
+    """The rollout overlay differs from the base only in the model claim (a new pod template, so
+    a rolling update), and the new claim is rendered, read-only, mounted read-only."""
+    base, new = (_one(render(K8S / o), "Deployment") for o in ("base", "overlays/rollout-new-models"))
+    claims = [
+        next(v for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == "models")[
+            "persistentVolumeClaim"
+        ]
+        for d in (base, new)
+    ]
+    old_claim, new_claim = claims[0]["claimName"], claims[1]["claimName"]
+    assert old_claim != new_claim and claims[1]["readOnly"] is True
+    for d in (base, new):
+        for v in d["spec"]["template"]["spec"]["volumes"]:
+            if v["name"] == "models":
+                v["persistentVolumeClaim"]["claimName"] = "x"
+    assert base == new
+    pvc = next(o for o in render(K8S / "overlays/rollout-new-models") if o["metadata"]["name"] == new_claim)
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
+
+
+def test_in_place_loading_overlay() -> None:
+    """Way 2 (in place, through the repository API / polling): every replica polls the shared
+    read-only volume, the admin key comes from its own Secret, and the settings validate."""
+    objects = render(K8S / "overlays/repository-api")
+    settings, container = _serve_settings(objects)
+    assert settings.poll_seconds > 0 and settings.version_policy == "latest:1"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[str(settings.model_repository)]["readOnly"] is True
+    admin = next(v for v in container["env"] if v["name"] == "OODFLOW_ADMIN_API_KEYS")
+    ref = admin["valueFrom"]["secretKeyRef"]
+    assert ref["name"] != "oodflow-api-keys", "the admin key must not live with the scoring keys"
+    secrets = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
+    assert {ref["name"], "oodflow-api-keys"} <= secrets
+    assert "OODFLOW_ADMIN_API_KEYS" not in _one(objects, "ConfigMap")["data"], "keys belong in a Secret"
