@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.artifact import find_ensembles, latest_version, load_ensemble  # noqa: E402
-from models.scores import combined_verdict  # noqa: E402
+from models.scores import combined_verdict, p_value  # noqa: E402
 from service.core import load_model  # noqa: E402
 from service.core.drift import OnlineDriftDetector, batch_drift_test  # noqa: E402
 from training.data import load_dataset  # noqa: E402
@@ -102,6 +102,29 @@ def _score_sets(
     return out, sizes
 
 
+def _save_cache(path: Path, scored: dict[str, dict[str, Scored]], sizes: dict[str, int]) -> None:
+    arrays: dict[str, np.ndarray] = {f"size|{m}": np.array(n) for m, n in sizes.items()}
+    for model, sets in scored.items():
+        for set_name, s in sets.items():
+            for field in ("ood_score", "p_value", "is_ood"):
+                arrays[f"{model}|{set_name}|{field}"] = getattr(s, field)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+def _load_cache(path: Path) -> tuple[dict[str, dict[str, Scored]], dict[str, int]]:
+    with np.load(path) as data:
+        sizes = {k.split("|")[1]: int(data[k]) for k in data.files if k.startswith("size|")}
+        scored: dict[str, dict[str, Scored]] = {}
+        for key in data.files:
+            if key.startswith("size|") or not key.endswith("|p_value"):
+                continue
+            model, set_name, _ = key.split("|")
+            scored.setdefault(model, {})[set_name] = Scored(
+                data[f"{model}|{set_name}|ood_score"], data[key], data[f"{model}|{set_name}|is_ood"]
+            )
+    return scored, sizes
+
+
 def _ensembles(
     repository: Path, scored: dict[str, dict[str, Scored]], sizes: dict[str, int]
 ) -> tuple[dict[str, dict[str, Scored]], dict[str, np.ndarray]]:
@@ -153,6 +176,45 @@ def _run_lengths(
         "alarm_before_configured": float(np.mean(alarmed & (lengths < configured))),
         "in_control_upper_rate": float(np.mean(detector.indicators(pool)[0])),
         "in_control_lower_rate": float(np.mean(detector.indicators(pool)[1])),
+    }
+
+
+def _split_reference_run_lengths(
+    reference: np.ndarray, run_length: float, splits: int, streams: int, cap: int, seed: int
+) -> dict[str, Any]:
+    """Run length on data exchangeable with the calibration by construction: the model's own
+    calibration scores are cut in two random halves, half A is the reference (a detector for
+    n = |A|), half B is resampled into streams; `splits` cuts, `streams` streams each, so the
+    figure averages over calibration draws as the configured run length does."""
+    rng = np.random.default_rng(seed)
+    half = reference.size // 2
+    detector = OnlineDriftDetector(run_length, reference_size=half)
+    pools = []
+    for _ in range(splits):
+        order = rng.permutation(reference.size)
+        ref_a = np.sort(reference[order[:half]])
+        pools.append(p_value(reference[order[half : 2 * half]], ref_a))
+    pool = np.stack(pools)  # (splits, half)
+    owner = np.repeat(np.arange(splits), streams)
+
+    def chunks() -> Iterator[np.ndarray]:
+        while True:
+            yield pool[owner[:, None], rng.integers(0, half, size=(owner.size, 5000))]
+
+    source = chunks()
+    lengths = detector.run_lengths(next(source) for _ in range(math.ceil(cap / 5000)))
+    values = np.where(lengths > 0, lengths, cap).astype(np.float64)
+    return {
+        "reference_size": half,
+        "splits": splits,
+        "streams": int(owner.size),
+        "threshold_units": detector.design.threshold,
+        "run_length_at_alpha": detector.design.run_length_at_alpha,
+        "mean": float(values.mean()),
+        "se": float(values.std(ddof=1) / math.sqrt(values.size)),
+        "median": float(np.median(values)),
+        "censored": int((lengths == 0).sum()),
+        "alarm_before_configured": float(np.mean((lengths > 0) & (lengths < run_length))),
     }
 
 
@@ -221,11 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--cache", type=Path, default=None, help=".npz of the scores: written once, then reused"
+    )
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     limits = {"in-distribution": args.id_images, "ood": args.ood_images}
-    scored, sizes = _score_sets(args.repository, names, limits, args.seed, args.threads)
+    if args.cache is not None and args.cache.is_file():
+        scored, sizes = _load_cache(args.cache)
+    else:
+        scored, sizes = _score_sets(args.repository, names, limits, args.seed, args.threads)
+        if args.cache is not None:
+            _save_cache(args.cache, scored, sizes)
     references = {n: load_model_reference(args.repository, n) for n in names}
     ens_scored, ens_refs = _ensembles(args.repository, scored, sizes)
     scored.update(ens_scored)
@@ -249,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                 "run_length_at_design": d.run_length_at_design,
             },
             "false_alarm_run_length": _run_lengths(detector, in_pool, args.streams, cap, args.seed),
+            "split_reference_run_length": _split_reference_run_lengths(
+                references[name], args.run_length, 20, max(1, args.streams // 20), cap, args.seed
+            ),
             "delay": {},
             "batch": {
                 "images": args.batch,
@@ -305,6 +378,27 @@ def _print(report: dict[str, Any], args: argparse.Namespace) -> None:
             f"{f['in_control_upper_rate']:.4f}, {f['in_control_lower_rate']:.4f} | "
             f"{d['run_length_at_alpha']:,.0f} | {f['mean']:,.0f} ± {f['se']:,.0f}{censored} | "
             f"{f['median']:,.0f} | {100 * f['alarm_before_configured']:.0f} % |"
+        )
+    print(
+        "\nRun length on exchangeable data: each model's calibration scores cut in random halves, one the "
+        "reference, the other resampled into streams (20 cuts):\n"
+    )
+    print(
+        "| model | reference n | h | exact ARL at α | mean run length ± se | median | alarming before configured |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, e in models.items():
+        f = e["split_reference_run_length"]
+        censored = f" ({f['censored']} censored)" if f["censored"] else ""
+        print(
+            f"| {name} | {f['reference_size']:,} | {f['threshold_units']} | {f['run_length_at_alpha']:,.0f} | "
+            f"{f['mean']:,.0f} ± {f['se']:,.0f}{censored} | {f['median']:,.0f} | "
+            f"{100 * f['alarm_before_configured']:.0f} % |"
+        )
+    rows = {json.dumps(e["split_reference_run_length"], sort_keys=True) for e in models.values()}
+    if len(models) > 1 and len(rows) == 1:
+        print(
+            "\n(Identical rows: a p-value is a rank, whose law does not depend on the model when scores do not tie.)"
         )
     print(
         "\nDetection delay, images after the switch until the alarm (median, 90th percentile in "
