@@ -474,3 +474,16 @@ def test_score_batch_prints_the_endpoints_test(
     assert f"drift {GREY_MODEL}: p-value {model['p_value']:.3g} " in out, out
     assert f"drift combined:{ENSEMBLE}: p-value {ensemble['p_value']:.3g} " in out, out
     assert f"OOD rate {model['ood_rate']:.1%}" in out
+
+
+def test_v2_infer_feeds_the_detector(drift_server: Server) -> None:
+    client = drift_server.client
+    before = client.get(f"/v1/models/{TWIN}/drift").json()["images"]
+    images = _in_distribution(5, 31)
+    body = {
+        "inputs": [
+            {"name": "images", "datatype": "UINT8", "shape": [5, 28, 28], "data": images.ravel().tolist()}
+        ]
+    }
+    assert client.post(f"/v2/models/{TWIN}/infer", json=body).status_code == 200
+    assert client.get(f"/v1/models/{TWIN}/drift").json()["images"] == before + 5
