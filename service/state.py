@@ -235,65 +235,88 @@ class ServiceState:
         and refusals of this model are forgotten, so every version is tried again."""
         async with self._lock:
             start = time.perf_counter()
-            registry = self.registry
             if explicit:
-                registry.forget_unloads(name)
-            result = SyncResult(name)
-            while (version := registry.next_to_load(name)) is not None:
-                entry = registry.new_entry(name, version)
-                await asyncio.to_thread(registry.load, entry)
-                seconds = entry.load_seconds or 0.0
-                refused = entry.status != "ready"
-                self.metrics.loaded(name, version, seconds, refused)
-                if refused:
-                    result.refused.append((version, entry.reason or "refused"))
-                    registry.publish(entry)
-                    serving = registry.serving_versions(name)
-                    log.warning(
-                        "load of model %s v%s refused after %.2f s: %s; serving %s",
-                        name,
-                        version,
-                        seconds,
-                        entry.reason,
-                        ", ".join(f"v{v}" for v in serving) or "no version",
-                        extra={"model": name, "version": version, "duration_s": round(seconds, 3)},
-                    )
-                    continue
-                self._start_batcher(entry)
-                self.metrics.set_ready(name, True, version)
-                before = registry.models.get(name)
-                registry.publish(entry)  # from here on, new requests may score on it
-                result.loaded.append(version)
-                default = registry.models.get(name)
-                log.info(
-                    "model %s v%s loaded in %.2f s%s",
-                    name,
-                    version,
-                    seconds,
-                    f"; default v{before.version} -> v{version}"
-                    if default is entry and before is not None and before.status == "ready"
-                    else "",
-                    extra={"model": name, "version": version, "duration_s": round(seconds, 3)},
-                )
-            for old in registry.retirements(name):
-                self._retire(old, "the version policy no longer chooses it")
-                result.retired.append(old.version or 0)
-            self._after_change(name)
-            result.serving = registry.serving_versions(name)
+                self.registry.forget_unloads(name)
+            result = await self._sync_locked(name)
             result.seconds = time.perf_counter() - start
             return result
 
-    async def unload_model(self, name: str, version: int | None = None) -> list[int]:
-        """By request: retire one version, or every version of the model (None). Returns the
-        retired versions; each unloads once its admitted requests finish."""
+    async def unload_model(self, name: str, version: int | None = None) -> SyncResult:
+        """By request: stop serving one version, or the whole model (None). For one version, the
+        policy's next choice among the other versions is loaded first (so unloading the newest
+        version rolls back to the one before, without a gap). Retired versions unload once the
+        requests admitted on them finish."""
         async with self._lock:
+            start = time.perf_counter()
             self.registry.get(name)  # UnknownModel -> 404
-            retired = []
-            for entry in self.registry.unload(name, version):
-                self._retire(entry, "unloaded by request")
-                retired.append(entry.version or 0)
-            self._after_change(name)
-            return retired
+            self.registry.unload(name, version)
+            if version is None:
+                result = SyncResult(name)
+                for entry in list(self.registry.versions.get(name, {}).values()):
+                    self._retire(entry, "unloaded by request")
+                    result.retired.append(entry.version or 0)
+                self._after_change(name)
+            else:
+                result = await self._sync_locked(name)
+                still = self.registry.versions.get(name, {}).get(version)
+                if still is not None:  # nothing replaced it: it goes anyway, as asked
+                    self._retire(still, "unloaded by request")
+                    result.retired.append(version)
+                    self._after_change(name)
+            result.serving = self.registry.serving_versions(name)
+            result.seconds = time.perf_counter() - start
+            return result
+
+    async def _sync_locked(self, name: str) -> SyncResult:
+        registry = self.registry
+        result = SyncResult(name)
+        while (version := registry.next_to_load(name)) is not None:
+            entry = registry.new_entry(name, version)
+            await asyncio.to_thread(registry.load, entry)
+            seconds = entry.load_seconds or 0.0
+            refused = entry.status != "ready"
+            self.metrics.loaded(name, version, seconds, refused)
+            if refused:
+                result.refused.append((version, entry.reason or "refused"))
+                registry.publish(entry)
+                serving = registry.serving_versions(name)
+                log.warning(
+                    "load of model %s v%s refused after %.2f s: %s; serving %s",
+                    name,
+                    version,
+                    seconds,
+                    entry.reason,
+                    ", ".join(f"v{v}" for v in serving) or "no version",
+                    extra={"model": name, "version": version, "duration_s": round(seconds, 3)},
+                )
+                continue
+            self._start_batcher(entry)
+            self.metrics.set_ready(name, True, version)
+            before = registry.models.get(name)
+            registry.publish(entry)  # from here on, new requests may score on it
+            result.loaded.append(version)
+            default = registry.models.get(name)
+            log.info(
+                "model %s v%s loaded in %.2f s%s",
+                name,
+                version,
+                seconds,
+                f"; default v{before.version} -> v{version}"
+                if default is entry and before is not None and before.status == "ready"
+                else "",
+                extra={"model": name, "version": version, "duration_s": round(seconds, 3)},
+            )
+        for old in registry.retirements(name):
+            why = (
+                "unloaded by request"
+                if old.version in (registry.unloaded.get(name) or set())
+                else ("the version policy no longer chooses it")
+            )
+            self._retire(old, why)
+            result.retired.append(old.version or 0)
+        self._after_change(name)
+        result.serving = registry.serving_versions(name)
+        return result
 
     def _retire(self, entry: ServedModel, why: str) -> None:
         if entry.status == "ready":

@@ -442,23 +442,19 @@ class Registry:
         entry.status, entry.model = "unloaded", None
         self._refresh_default(entry.name)
 
-    def unload(self, name: str, version: int | None = None) -> list[ServedModel]:
-        """By request: stop serving one version, or the whole model (None); polling leaves it
-        unloaded until it is loaded again by request. Returns the entries to retire."""
-        serving = self.versions.get(name, {})
+    def unload(self, name: str, version: int | None = None) -> None:
+        """By request: from now on `version` (None: every version) of `name` is not wanted, and
+        polling leaves it unloaded until it is loaded again by request. The caller retires what
+        no longer serves: the whole model at once; one version once the policy's next choice
+        serves (`retirements`), so a model does not drop to no version on the way."""
         if version is None:
             self.unloaded[name] = None
-            entries = list(serving.values())
         else:
             known = self.unloaded.get(name, set())
             if known is not None:
                 known.add(version)
                 self.unloaded[name] = known
-            entries = [serving[version]] if version in serving else []
-        for entry in entries:
-            self.retire(entry)
         self._refresh_default(name)
-        return entries
 
     def forget_unloads(self, name: str) -> None:
         """A load by request: earlier unloads of this model no longer hold, and its refused

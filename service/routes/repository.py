@@ -9,8 +9,10 @@
   serving (newest first), switch new requests to it, then drain and unload the versions no longer
   wanted. Answers when the new version serves (or was refused: 400 with the reason, and what
   still serves). Also forgets an earlier unload of the model, and retries refused versions.
-- `POST /v2/repository/models/{name}/unload`: stop serving the model (or, with
-  `{"parameters": {"version": V}}`, one version); polling leaves it unloaded until a load.
+- `POST /v2/repository/models/{name}/unload`: stop serving the model, or, with
+  `{"parameters": {"version": V}}`, one version: the policy's next choice among the other versions
+  loads first (unloading the newest version rolls back to the one before, without a gap). Polling
+  leaves what was unloaded alone until a load by request.
 
 Every route needs an admin API key (`OODFLOW_ADMIN_API_KEYS` / `--admin-key`): 401 without one,
 403 with a scoring key, 403 when no admin key is configured at all (loading code into a server is
@@ -139,6 +141,10 @@ async def load(name: str, request: Request) -> Response:
     await _json_body(request)  # the protocol's optional parameters: none are needed
     _known(state, name)
     result = await state.sync_model(name, explicit=True)
+    if not (result.loaded or result.refused or result.serving):
+        raise ModelNotFound(
+            f"model '{name}' has no version folder to load under {state.registry.repository / name}"
+        )
     if result.refused and not result.loaded:
         serving = ", ".join(map(str, result.serving))
         still = f"; still serving version {serving}" if serving else "; no version serves"
@@ -170,11 +176,5 @@ async def unload(name: str, request: Request) -> Response:
             raise ModelNotFound(f"model '{name}' has no version {version} serving (serving: {listed})")
     if name not in state.registry.models:
         _known(state, name)
-    retired = await state.unload_model(name, version)
-    return json_response(
-        {
-            "name": name,
-            "unloading": [str(v) for v in retired],
-            "serving": [str(v) for v in state.registry.serving_versions(name)],
-        }
-    )
+    result = await state.unload_model(name, version)
+    return json_response(_sync_body(result))
