@@ -15,7 +15,14 @@ import httpx
 import numpy as np
 import pytest
 
-from models.artifact import Calibration, EnsembleManifest, EnsembleMember, load_manifest, write_ensemble
+from models.artifact import (
+    Calibration,
+    EnsembleManifest,
+    EnsembleMember,
+    load_manifest,
+    write_ensemble,
+    write_manifest,
+)
 from models.scores import calibrate_combination, leave_one_out_p_values
 from service.core.drift import (
     BATCH_METHOD,
@@ -487,3 +494,19 @@ def test_v2_infer_feeds_the_detector(drift_server: Server) -> None:
     }
     assert client.post(f"/v2/models/{TWIN}/infer", json=body).status_code == 200
     assert client.get(f"/v1/models/{TWIN}/drift").json()["images"] == before + 5
+
+
+def test_repository_load_of_a_new_version_resets_the_detector(
+    drift_server: Server, drift_repository: Path
+) -> None:
+    """Runs last in this module: the ensemble goes stale once its member serves version 2."""
+    client = drift_server.client
+    client.post(f"/v1/models/{TWIN}/score", json=_array_body(_noise(12, 8)))
+    assert client.get(f"/v1/models/{TWIN}/drift").json()["images"] >= 12
+    target = drift_repository / TWIN / "2"
+    shutil.copytree(drift_repository / TWIN / "1", target)
+    write_manifest(target, load_manifest(target).model_copy(update={"version": 2}))
+    loaded = client.post(f"/v2/repository/models/{TWIN}/load", headers={"X-API-Key": ADMIN_KEY})
+    assert loaded.status_code == 200, loaded.text
+    state = client.get(f"/v1/models/{TWIN}/drift").json()
+    assert state["version"] == 2 and state["images"] == 0 and not state["alarm"]
