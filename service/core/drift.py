@@ -50,6 +50,7 @@ resets the drift state without any hook in the loading code.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -88,6 +89,7 @@ DEFAULT_ASSURANCE = 0.9
 DEFAULT_WINDOW = 1_000  # images in the windowed OOD rate
 BATCH_METHOD = "bonferroni(upper_tail, lower_tail, rank_sum)"
 _NORMAL = NormalDist()
+_TINY = sys.float_info.min  # the smallest p-value reported: below it a double underflows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +144,9 @@ def beta_binomial_sf(x: int, m: int, a: float, b: float) -> float:
         if log_term < max(terms) - 45.0:  # past the mode, the rest is below 1e-19 of the sum
             break
     total = math.exp(_log_sum_exp(terms))
-    return min(1.0, total) if upwards else min(1.0, max(0.0, 1.0 - total))
+    if upwards:
+        return min(1.0, max(_TINY, total))  # x <= m: never exactly 0 after underflow
+    return min(1.0, max(0.0, 1.0 - total))
 
 
 def _binomial_sf(k: int, n: int, p: float) -> float:
@@ -273,7 +277,7 @@ def _rank_sum(scores: np.ndarray, ref: np.ndarray) -> DriftComponent:
     sd = math.sqrt(variance)
     z = (u - mean) / sd
     corrected = max(0.0, abs(u - mean) - 0.5) / sd
-    p = min(1.0, 2.0 * _NORMAL.cdf(-corrected))
+    p = min(1.0, max(_TINY, 2.0 * _NORMAL.cdf(-corrected)))  # never exactly 0 after underflow
     # mean of the served p-values ~ 1 - u/(m n): below 1/2 means the batch scores are higher (more OOD)
     return DriftComponent("rank_sum", z, p, {"u": u, "mean_p_value": 1.0 - u / (m * n)})
 
