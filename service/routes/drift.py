@@ -15,6 +15,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from service.core import ServedEnsemble
@@ -28,7 +29,7 @@ from service.routes.v1 import SCORE_REQUEST_BODY
 from service.scoring import ModelOutcome, decode_payload, score_model
 from service.state import ServiceState
 
-__all__ = ["router"]
+__all__ = ["BatchDriftResponse", "DriftStateResponse", "router"]
 
 router = APIRouter(prefix="/v1", tags=["drift"])
 
@@ -37,6 +38,54 @@ _DRIFT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
     403: {"description": "resetting needs an admin API key"},
 }
+
+
+class DriftComponentModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="upper_tail, lower_tail or rank_sum")
+    statistic: float = Field(description="tail: images beyond the reference's 1 % tail; rank_sum: z")
+    p_value: float
+
+
+class BatchDriftResponse(BaseModel):
+    """`POST .../drift`: is this batch from the in-distribution data? (docs/service.md, Drift)"""
+
+    model: str | None = None
+    version: int | None = None
+    ensemble: str | None = None
+    images: int
+    reference_size: int
+    method: str
+    statistic: float = Field(description="the smallest component p-value")
+    p_value: float = Field(description="Bonferroni over the components: P(a batch this extreme | no drift)")
+    ood_images: int
+    ood_rate: float
+    ood_rate_interval: list[float] = Field(description="Wilson interval at `confidence`")
+    confidence: float
+    components: list[DriftComponentModel]
+
+
+class DriftStateResponse(BaseModel):
+    """`GET .../drift`: the online detector over served traffic."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    version: int | None = None
+    ensemble: str | None = None
+    method: str
+    images: int = Field(description="images seen since the last reset")
+    statistic: float = Field(description="the larger CUSUM statistic (nats)")
+    statistics: dict[str, float]
+    threshold: float = Field(description="alarm threshold (nats), set by the configured run length")
+    alarm: bool
+    alarm_at_image: int | None
+    alarm_tail: str | None
+    window_images: int
+    window_ood_rate: float | None
+    window_ood_rate_interval: list[float] | None
+    expected_run_length: float
 
 
 def _batch_size(payload: Payload) -> int:
@@ -66,6 +115,7 @@ def _ensemble(state: ServiceState, name: str) -> ServedEnsemble:
 @router.post(
     "/models/{name}/drift",
     summary="Drift test: does this batch come from the model's in-distribution data?",
+    response_model=BatchDriftResponse,
     responses=ERROR_RESPONSES,
     openapi_extra=SCORE_REQUEST_BODY,
 )
@@ -90,6 +140,7 @@ async def model_drift_test(name: str, request: Request, resize: bool = _RESIZE) 
 @router.post(
     "/ensembles/{name}/drift",
     summary="Drift test on an ensemble's combined score",
+    response_model=BatchDriftResponse,
     responses=ERROR_RESPONSES,
     openapi_extra=SCORE_REQUEST_BODY,
 )
@@ -124,6 +175,7 @@ async def ensemble_drift_test(name: str, request: Request, resize: bool = _RESIZ
 @router.get(
     "/models/{name}/drift",
     summary="State of the model's online drift detector over served traffic",
+    response_model=DriftStateResponse,
     responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
 )
 async def model_drift_state(name: str, request: Request) -> Response:
@@ -137,6 +189,7 @@ async def model_drift_state(name: str, request: Request) -> Response:
 @router.get(
     "/ensembles/{name}/drift",
     summary="State of the ensemble's online drift detector over served combined verdicts",
+    response_model=DriftStateResponse,
     responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
 )
 async def ensemble_drift_state(name: str, request: Request) -> Response:
@@ -150,6 +203,7 @@ async def ensemble_drift_state(name: str, request: Request) -> Response:
 @router.post(
     "/models/{name}/drift/reset",
     summary="Restart the model's online drift detector (admin key)",
+    response_model=DriftStateResponse,
     responses=_DRIFT_RESPONSES,
 )
 async def model_drift_reset(name: str, request: Request) -> Response:
@@ -165,6 +219,7 @@ async def model_drift_reset(name: str, request: Request) -> Response:
 @router.post(
     "/ensembles/{name}/drift/reset",
     summary="Restart the ensemble's online drift detector (admin key)",
+    response_model=DriftStateResponse,
     responses=_DRIFT_RESPONSES,
 )
 async def ensemble_drift_reset(name: str, request: Request) -> Response:

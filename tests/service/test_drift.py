@@ -36,6 +36,7 @@ from service.core.drift import (
     tail_levels,
     wilson_interval,
 )
+from service.routes.drift import BatchDriftResponse, DriftStateResponse
 from tests.artifacts import fashion_mnist_images
 from tests.service.helpers import (
     GREY_MODEL,
@@ -355,6 +356,7 @@ def test_http_batch_drift_test(drift_server: Server) -> None:
     inside = client.post(f"/v1/models/{GREY_MODEL}/drift", json=_array_body(_in_distribution(64, 21)))
     assert inside.status_code == 200, inside.text
     body = inside.json()
+    BatchDriftResponse.model_validate(body)  # the documented response schema
     assert body["model"] == GREY_MODEL and body["images"] == 64 and body["reference_size"] == 200
     assert body["method"] == BATCH_METHOD and body["p_value"] > 0.05
     assert [c["name"] for c in body["components"]] == ["upper_tail", "lower_tail", "rank_sum"]
@@ -417,6 +419,7 @@ def test_http_online_detector_stream_metrics_and_reset(drift_server: Server) -> 
             client.post("/v1/score", params={"models": f"{GREY_MODEL},{TWIN}"}, json=chunk).status_code == 200
         )
     state = client.get(f"/v1/models/{GREY_MODEL}/drift").json()
+    DriftStateResponse.model_validate(state)
     assert state["images"] == 2 * 640 and not state["alarm"], state
     ens_state = client.get(f"/v1/ensembles/{ENSEMBLE}/drift").json()
     assert ens_state["images"] == 640 and not ens_state["alarm"], ens_state
