@@ -223,7 +223,7 @@ class ServiceState:
                     if self.registry.unloaded.get(name, set()) is not None:
                         await self.sync_model(name)
                 async with self._lock:
-                    self._ensembles_changed()
+                    await self._ensembles_changed()  # new, changed or removed ensemble files
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a bad poll must not stop the next one
@@ -238,6 +238,8 @@ class ServiceState:
             if explicit:
                 self.registry.forget_unloads(name)
             result = await self._sync_locked(name)
+            if explicit and not (result.loaded or result.refused or result.retired):
+                await self._after_change(name)  # still re-read the ensembles, as asked
             result.seconds = time.perf_counter() - start
             return result
 
@@ -255,14 +257,14 @@ class ServiceState:
                 for entry in list(self.registry.versions.get(name, {}).values()):
                     self._retire(entry, "unloaded by request")
                     result.retired.append(entry.version or 0)
-                self._after_change(name)
+                await self._after_change(name)
             else:
                 result = await self._sync_locked(name)
                 still = self.registry.versions.get(name, {}).get(version)
                 if still is not None:  # nothing replaced it: it goes anyway, as asked
                     self._retire(still, "unloaded by request")
                     result.retired.append(version)
-                    self._after_change(name)
+                    await self._after_change(name)
             result.serving = self.registry.serving_versions(name)
             result.seconds = time.perf_counter() - start
             return result
@@ -314,7 +316,8 @@ class ServiceState:
             )
             self._retire(old, why)
             result.retired.append(old.version or 0)
-        self._after_change(name)
+        if result.loaded or result.refused or result.retired:
+            await self._after_change(name)
         result.serving = registry.serving_versions(name)
         return result
 
@@ -363,15 +366,18 @@ class ServiceState:
             extra={"model": entry.name, "version": entry.version, "duration_s": round(seconds, 3)},
         )
 
-    def _after_change(self, name: str) -> None:
+    async def _after_change(self, name: str) -> None:
+        """After a load, refusal or unload of `name`: its default-version gauge, and the ensembles
+        re-read and re-resolved (once start-up loading is done; it resolves them itself)."""
         default = self.registry.models.get(name)
         ready = default is not None and default.status == "ready"
         self.metrics.set_default_version(name, default.version if ready and default else None)
         if self.loaded:
-            self._ensembles_changed()
+            await self._ensembles_changed()
 
-    def _ensembles_changed(self) -> None:
-        for ens_name in self.registry.rediscover_ensembles():
+    async def _ensembles_changed(self) -> None:
+        read = await asyncio.to_thread(self.registry.read_ensembles)  # JSON parsing off the loop
+        for ens_name in self.registry.rediscover_ensembles(read):
             ens = self.registry.ensembles.get(ens_name)
             if ens is None:
                 log.info("ensemble %s is gone", ens_name)

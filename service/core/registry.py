@@ -264,11 +264,16 @@ class Registry:
             members = {m.name: self._member(m.name, m.version) for m in ens.manifest.members}
             resolve_ensembles([ens], {k: v for k, v in members.items() if v is not None})
 
-    def rediscover_ensembles(self) -> list[str]:
-        """Re-read the ensemble manifests and resolve them against what serves now. An ensemble
-        whose manifest and resolution are unchanged keeps its object (and so its drift detector).
-        Returns the names whose status or manifest changed."""
-        fresh = {e.name: e for e in discover_ensembles(self.repository)} if self.repository.is_dir() else {}
+    def read_ensembles(self) -> list[ServedEnsemble]:
+        """The repository's ensemble manifests as they are on disk (blocking file reads)."""
+        return discover_ensembles(self.repository) if self.repository.is_dir() else []
+
+    def rediscover_ensembles(self, read: list[ServedEnsemble] | None = None) -> list[str]:
+        """Take the ensemble manifests (`read`, from `read_ensembles`; None: read them now) and
+        resolve them against what serves now. An ensemble whose manifest and resolution are
+        unchanged keeps its object (and so its drift detector). Returns the names whose status or
+        manifest changed."""
+        fresh = {e.name: e for e in (self.read_ensembles() if read is None else read)}
         old = self.ensembles
         self.ensembles = fresh
         self.resolve_ensembles()
