@@ -33,7 +33,9 @@ levels), each with in-control rate k/(n+1) ~ alpha = 1% and designed for a rate 
 integers (+r on an exceedance, −1 otherwise, r = round(ln(alpha1/alpha) / ln((1-alpha)/(1-alpha1)))),
 so the CUSUM is a finite Markov chain and its average run length (ARL) to a false alarm is *exact*
 (Brook & Evans 1972; Reynolds & Stoumbos 1999): `design_cusum` solves the chain and picks the
-smallest integer threshold h whose combined ARL is at least the requested one.
+smallest integer threshold h whose combined ARL is at least the requested one. The two channels
+alarm on disjoint rare events, so their run lengths are nearly independent and nearly geometric and
+the combined ARL is taken as half a channel's (the simulation in the tests agrees within its error).
 
 A deployment sees one reference, so its true in-control rate q is one draw of Beta(k, n+1-k), not
 alpha itself; the ARL is steep in q. The threshold is therefore computed at the `assurance` (90%)
@@ -42,8 +44,8 @@ length to a false alarm is at least the configured value. Memory is O(window) (t
 rate), updates are serialised by a lock.
 
 **Monitor** (`DriftMonitor`): one online detector per served model and per ensemble, each bound to
-the loaded object it watches (a `LoadedModel`, a `ServedEnsemble`): when that object is replaced
-(a model reloaded, an ensemble re-resolved) the next look-up starts a fresh detector, so a reload
+the loaded object it watches (a model's `LoadedModel`, an ensemble's resolved reference array):
+when that object is replaced (a model reloaded, an ensemble re-resolved) the next look-up starts a fresh detector, so a reload
 resets the drift state without any hook in the loading code.
 """
 
