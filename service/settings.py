@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.core.registry import VersionPolicy
+if TYPE_CHECKING:
+    from service.core.registry import VersionPolicy
 
 __all__ = ["Settings"]
 
@@ -122,6 +123,8 @@ class Settings(BaseSettings):
     @field_validator("version_policy")
     @classmethod
     def _policy(cls, value: str) -> str:
+        from service.core.registry import VersionPolicy  # lazily: `oodflow --help` stays light
+
         return str(VersionPolicy.parse(value))
 
     @field_validator("log_level", mode="before")
@@ -149,6 +152,8 @@ class Settings(BaseSettings):
         return [k.encode() for k in keys if k]
 
     def parsed_version_policy(self) -> VersionPolicy:
+        from service.core.registry import VersionPolicy
+
         return VersionPolicy.parse(self.version_policy)
 
     def resolved_admin_api_keys(self) -> list[bytes]:
