@@ -53,6 +53,7 @@ __all__ = [
     "analyze_many",
     "analyze_model",
     "measure",
+    "save_png",
     "load_pixel_flow",
     "to_grid",
     "trace_couplings",
@@ -156,11 +157,28 @@ def _figure(rows: int, cols: int, size: float = 1.25) -> tuple[Any, np.ndarray]:
     return fig, axes
 
 
+def save_png(fig: Any, path: Path, dpi: int) -> None:
+    """Save a figure as a small PNG (a 128-colour palette: a third of the RGBA size, the docs
+    carry many of them) and close it."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    tmp = Path(path).with_suffix(".tmp.png")
+    palette.save(tmp, format="PNG", optimize=True)
+    os.replace(tmp, path)
+
+
 def _save(fig: Any, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=8, wrap=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_png(fig, path, dpi=80)
 
 
 # ----------------------------------------------------------------------------- captions

@@ -27,6 +27,7 @@ from training.reproduce import (
     auroc_difference,
     count_verdict,
     failure_verdict,
+    fit_control,
     generated_ood_sets,
     improvement_verdict,
     margin_verdict,
@@ -105,12 +106,26 @@ def test_matched_verdict_needs_matched_size_and_fit() -> None:
     assert matched_verdict(not_improved, 1.0, 0.0).word == NOT_REPRODUCED
 
 
+def test_fit_control() -> None:
+    others = {"horizontal": (6.8, 0.07), "cycle": (6.9, 0.23), "baseline": (4.1, 0.05)}
+    text = fit_control(("bottleneck", 5.4, 0.61), others)
+    assert "does not produce it" in text and "horizontal 6.80 bits/dim" in text and "baseline" not in text
+    others["cycle"] = (6.9, 0.7)
+    assert "could explain it" in fit_control(("bottleneck", 5.4, 0.61), others)
+    assert "no fit control" in fit_control(("bottleneck", 9.0, 0.61), others)
+
+
 def test_above_chance_margin_and_ordering_verdicts() -> None:
     v = above_chance_verdict({"a/mnist": 0.9, "b/mnist": 0.4})
     assert v.word == PARTLY and "1 of 2" in v.reason and "worst 0.400 on b/mnist" in v.reason
     assert margin_verdict({"mnist": 0.99, "photos": 0.9}, {"mnist": 0.7, "photos": 0.88}).word == PARTLY
     assert margin_verdict({"mnist": 0.99}, {"mnist": 0.7}).word == REPRODUCED
     assert margin_verdict({"mnist": 0.72}, {"mnist": 0.7}).word == NOT_REPRODUCED
+    # a reference already near 1.0 leaves no room to be ahead: not counted
+    v = margin_verdict({"mnist": 0.99, "uniform-noise": 0.997}, {"mnist": 0.6, "uniform-noise": 1.0})
+    assert v.word == REPRODUCED and "1 of 1 families" in v.reason and "no room" in v.reason
+    v = margin_verdict({"mnist": 0.99, "photos": 0.80}, {"mnist": 0.6, "photos": 0.9})
+    assert v.word == PARTLY and "behind by more than 0.05 on 1 (photos)" in v.reason
     v = ordering_verdict(3.6, {"mnist": 2.1, "uniform-noise": 8.0})
     assert v.word == PARTLY and "lower on 1 of 2" in v.reason
 
