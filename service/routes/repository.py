@@ -138,7 +138,15 @@ def _sync_body(result: SyncResult) -> dict[str, Any]:
 )
 async def load(name: str, request: Request) -> Response:
     state = _admin(request)
-    await _json_body(request)  # the protocol's optional parameters: none are needed
+    parameters = (await _json_body(request)).get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("'parameters' must be an object")
+    overrides = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
+    if overrides:
+        raise BadRequest(
+            f"parameter '{overrides[0]}' is not supported: a load serves what the version folders "
+            "hold (copy a complete version folder in, then load)"
+        )
     _known(state, name)
     result = await state.sync_model(name, explicit=True)
     if not (result.loaded or result.refused or result.serving):
@@ -163,6 +171,9 @@ async def unload(name: str, request: Request) -> Response:
     parameters = (await _json_body(request)).get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest("'parameters' must be an object")
+    unknown = sorted(set(parameters) - {"version", "unload_dependents"})
+    if unknown:
+        raise BadRequest(f"unknown parameter '{unknown[0]}' (parameters: version, unload_dependents)")
     version: int | None = None
     raw = parameters.get("version")
     if raw is not None:

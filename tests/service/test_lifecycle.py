@@ -597,6 +597,28 @@ def test_repository_control_needs_the_admin_key(repo: Path) -> None:
         assert refused.status_code == 403 and "OODFLOW_ADMIN_API_KEYS" in refused.json()["error"]
 
 
+def test_tritonclient_repository_calls(repo: Path, artifacts: dict[str, Path]) -> None:
+    """The standard Open Inference Protocol client's repository calls work unchanged."""
+    triton = pytest.importorskip("tritonclient.http")
+    from tritonclient.utils import InferenceServerException
+
+    with running_server(_settings(repo)) as server:
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        index = client.get_model_repository_index(headers=ADMIN)
+        assert index == [{"name": NAME, "version": "1", "state": "READY", "reason": ""}]
+        add_version(artifacts[GREY_MODEL], repo, 2)
+        client.load_model(NAME, headers=ADMIN)
+        assert client.is_model_ready(NAME, "2") and server.state.registry.get(NAME).version == 2
+        with pytest.raises(InferenceServerException, match="not supported"):
+            client.load_model(NAME, headers=ADMIN, config="{}")
+        with pytest.raises(InferenceServerException, match="admin API key"):
+            client.load_model(NAME)
+        client.unload_model(NAME, headers=ADMIN)
+        assert reaches(lambda: not client.is_model_ready(NAME), 20)
+        states = lambda: {r["state"] for r in client.get_model_repository_index(headers=ADMIN)}  # noqa: E731
+        assert reaches(lambda: states() == {"UNAVAILABLE"}, 20)
+
+
 def test_version_policy_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert VersionPolicy.parse("latest:2").select([1, 2, 3]) == [2, 3]
     assert VersionPolicy.parse("specific:4, 1").select([1, 2, 3]) == [1]
