@@ -250,6 +250,17 @@ def test_swap_by_api_under_load(
         add_version(artifacts[GREY_MODEL], repo, 2)
         load.more(3)  # a version folder that appears is not loaded without polling or a request
         assert set(load.clients[0].versions) == {1}
+        readiness: list[int] = []
+        probing = threading.Event()
+
+        def probe() -> None:  # a Kubernetes readiness probe, many times a second
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                while not probing.is_set():
+                    readiness.append(client.get("/readyz").status_code)
+                    readiness.append(client.get("/v2/health/ready").status_code)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
         started = time.monotonic()
         response = server.client.post(f"/v2/repository/models/{NAME}/load", headers=ADMIN)
         swapped_at = time.monotonic()
@@ -258,6 +269,9 @@ def test_swap_by_api_under_load(
         assert body["loaded"] == ["2"] and body["unloading"] == ["1"] and body["serving"] == ["2"]
         assert body["refused"] == [] and 0 < body["seconds"] <= swapped_at - started
         load.more(10)
+        probing.set()
+        prober.join(10)
+        assert readiness and set(readiness) == {200}  # the pod stays ready through the swap
 
         # A broken version 3 (one flipped byte after export) is refused; version 2 keeps serving.
         flip_a_byte(add_version(artifacts[GREY_MODEL], repo, 3))
