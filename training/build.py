@@ -64,7 +64,7 @@ from models.artifact import (
 from models.config import EmbeddingFlowConfig, PixelFlowConfig
 from training.config import CalibrationConfig, DataConfig, RunConfig, TrainConfig
 from training.data import IMAGE_EXTENSIONS, DatasetError, ImageSet, load_dataset
-from training.runs import load_splits, resolve_device, splits_record
+from training.runs import Splits, load_splits, resolve_device, splits_record
 from training.scoring import inner_progress
 
 __all__ = [
@@ -389,6 +389,36 @@ def _probe(pixel: RunConfig | None, embedding: RunConfig, device: torch.device) 
     return Probe(step_s, eval_rate, feature_rate)
 
 
+# Scoring on a shared CPU runs slower than a short probe suggests (load comes and goes): the
+# fixed stages are planned with this margin, so the training stages give way, not --minutes.
+_SAFETY = 1.4
+
+
+def _stage_estimates(splits: dict[str, Splits], probe: Probe, with_pixel: bool) -> dict[str, float]:
+    """Seconds of the stages whose work is fixed by the data (everything but the training steps).
+
+    Embedding features: train + validation in its training stage, the calibration halves in
+    calibration, test + OOD in evaluation. Pixel flow: validation + 4 proxies of its size
+    (statistic selection) and the calibration halves in calibration, test + OOD in evaluation.
+    """
+    base = splits["embedding"]
+    feature_s, pixel_s = 1.0 / probe.feature_img_s, 1.0 / probe.pixel_eval_img_s
+    held = len(base.calibration) + len(base.combination or ())
+    shown = len(base.test or ()) + sum(len(d) for d in base.ood.values())
+    kinds = 2 if with_pixel else 1
+    estimates = {
+        "embedding features": (len(base.train) + len(base.validation)) * feature_s,
+        "calibrate": 3.0 + held * feature_s,
+        "evaluate": _REPORT_SECONDS * kinds + shown * feature_s,
+        "export": _EXPORT_SECONDS["embedding"] + (_EXPORT_SECONDS["pixel"] if with_pixel else 0.0),
+    }
+    if with_pixel:
+        validation = len(splits["pixel"].validation)
+        estimates["calibrate"] += (5 * validation + held) * pixel_s
+        estimates["evaluate"] += shown * pixel_s
+    return {k: v * _SAFETY for k, v in estimates.items()}
+
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -668,14 +698,6 @@ def _build(
     if with_pixel:
         splits["pixel"] = load_splits(pixel_cfg, datasets=datasets)
     loaded_s = time.monotonic() - began
-    base = splits["embedding"]
-    n_eval = (
-        len(base.calibration)
-        + len(base.combination or ())
-        + len(base.test or ())
-        + sum(len(d) for d in base.ood.values())
-    )
-    n_features = n_eval + len(base.train) + len(base.validation)
 
     # 2. plan the budget from timed probes
     total_s = minutes * 60.0
@@ -684,18 +706,8 @@ def _build(
     else:
         probe = _probe(pixel_cfg if with_pixel else None, embedding_cfg, dev)
     pixel_steps = nominal_steps
-    n_pixel_eval = 0
-    configs_kinds = ["embedding", "pixel"] if with_pixel else ["embedding"]
-    fixed = (
-        loaded_s
-        + n_features / probe.feature_img_s
-        + _EXPORT_SECONDS["embedding"]
-        + _REPORT_SECONDS * len(configs_kinds)
-        + 5.0
-    )
-    if with_pixel:
-        n_pixel_eval = n_eval + 5 * len(splits["pixel"].validation)  # + proxies of the selection
-        fixed += n_pixel_eval / probe.pixel_eval_img_s + _EXPORT_SECONDS["pixel"]
+    estimates = _stage_estimates(splits, probe, with_pixel)
+    fixed = loaded_s + sum(estimates.values())
     train_s = total_s - fixed
     embedding_s = max(10.0, min(0.25 * train_s, 90.0))
     pixel_s = train_s - embedding_s
@@ -724,26 +736,24 @@ def _build(
             pixel_steps = int(min(MAX_PIXEL_STEPS, max(50, steps)))
         embedding_cfg, pixel_cfg = _configs(name, data, test, ood, survey, shape, profile, pixel_steps)
     base = splits["embedding"]
-    n_feat_est = n_features / probe.feature_img_s
+    estimates = _stage_estimates(splits, probe, with_pixel)
     plan: dict[str, tuple[str, float]] = {
-        "embedding": (f"train {name}-embedding (features + flow)", n_feat_est * 0.6 + embedding_s),
+        "embedding": (
+            f"train {name}-embedding (features + flow)",
+            estimates["embedding features"] + embedding_s,
+        ),
     }
     if with_pixel:
         plan["pixel"] = (f"train {name}-pixel ({pixel_steps} steps)", pixel_s)
     plan["calibrate"] = (
-        "calibrate",
-        5.0 + (n_pixel_eval / probe.pixel_eval_img_s * 0.6 if with_pixel else 0.0),
+        "calibrate" + (" and select the pixel statistic" if with_pixel else ""),
+        estimates["calibrate"],
     )
     plan["evaluate"] = (
         "evaluate" + (f" on {', '.join(ood)}" if ood else " (no OOD set given)"),
-        _REPORT_SECONDS * len(configs_kinds)
-        + n_feat_est * 0.4
-        + (n_pixel_eval / probe.pixel_eval_img_s * 0.4 if with_pixel else 0.0),
+        estimates["evaluate"],
     )
-    plan["export"] = (
-        "export" + (" and combine" if with_pixel else ""),
-        _EXPORT_SECONDS["embedding"] + (_EXPORT_SECONDS["pixel"] if with_pixel else 0.0),
-    )
+    plan["export"] = ("export" + (" and combine" if with_pixel else ""), estimates["export"])
     out(f"oodflow build {name}: {survey.count} images from {data}")
     if survey.skipped:
         kinds = ", ".join(f"{n} {ext}" for ext, n in survey.skipped.most_common())
@@ -752,8 +762,9 @@ def _build(
     out(
         "  labels: "
         + (
-            f"{len(survey.classes)} class folders ({', '.join(survey.classes[:5])}"
-            f"{', ...' if len(survey.classes) > 5 else ''}), not used: the flows are unsupervised"
+            f"{len(survey.classes)} class{'es' if len(survey.classes) != 1 else ''}"
+            f"{' (subfolders)' if survey.folder is not None else ''}: {', '.join(survey.classes[:5])}"
+            f"{', ...' if len(survey.classes) > 5 else ''}; not used, the flows are unsupervised"
             if survey.classes
             else "none (no class subfolders); none needed"
         )
@@ -855,7 +866,8 @@ def _build(
 
     # 5. summary, build report, curl line
     example = _example_image(survey, shape, base.test or base.calibration, runs_dir / f"{name}-build")
-    resize = survey.folder is None or Image.open(example).size != (shape[2], shape[1])
+    with Image.open(example) as image:
+        resize = image.size != (shape[2], shape[1])
     curl = _curl_line(example, [configs[k].name for k in kinds], resize)
     summary = _summary(name, data, test, ood, choice, record, configs, kinds, evaluation, calibration,
                        published, ensemble_file, display.timings, time.monotonic() - began)  # fmt: skip

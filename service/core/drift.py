@@ -664,7 +664,14 @@ class DriftMonitor:
         is_ood: np.ndarray | None = None,
     ) -> bool:
         """Feed served p-values to the detector of `source`; returns its alarm state."""
-        return self.watch(kind, name, source, reference_size).update(p_values, is_ood)
+        try:
+            detector = self.watch(kind, name, source, reference_size)
+        except ValueError:
+            # Too few reference scores for a CUSUM design (a model calibrated on a small split,
+            # e.g. `oodflow build` on a few hundred images): no online detector for it, and
+            # scoring must not fail because of that.
+            return False
+        return detector.update(p_values, is_ood)
 
     def get(self, kind: str, name: str) -> OnlineDriftDetector | None:
         with self._lock:

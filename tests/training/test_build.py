@@ -146,7 +146,7 @@ def test_grey_folder_build_reports_policy_splits_and_metrics(built: dict[str, ob
     stdout = str(built["digits"])
     assert "warning: skipped 2 files that are not images" in stdout
     assert "input 1x28x28: every image is greyscale" in stdout
-    assert "10 class folders" in stdout
+    assert "10 classes (subfolders): digit-0, digit-1" in stdout
     repository = Path(str(built["repository"]))
     pixel = verify_artifact(repository / "digits-pixel" / "1")
     embedding = verify_artifact(repository / "digits-embedding" / "1")
@@ -178,7 +178,7 @@ def test_rgb_mixed_single_class_folder_build(built: dict[str, object]) -> None:
     stdout = str(built["photos"])
     assert "input 3x24x24" in stdout and "24x24 (280 of 300 images, 2 sizes in all)" in stdout
     assert "280 of 300 images are colour" in stdout and "resized" in stdout
-    assert "1 class folders (photos)" in stdout
+    assert "1 class (subfolders): photos;" in stdout
     assert "no OOD set was given" in stdout
     repository = Path(str(built["repository"]))
     manifest = verify_artifact(repository / "photos-pixel" / "1")
@@ -198,6 +198,7 @@ def test_printed_curl_line_scores_a_real_image(built: dict[str, object], server:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     body = json.loads(proc.stdout)
+    assert "models" in body, body
     assert {m["model"] for m in body["models"]} == {f"{which}-pixel", f"{which}-embedding"}
     for model in body["models"]:
         (result,) = model["results"]
