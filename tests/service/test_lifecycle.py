@@ -384,6 +384,7 @@ def test_request_admitted_on_the_old_version_finishes_there(
         assert reaches(lambda: _index(server)[(NAME, "1")]["state"] == "UNAVAILABLE", 20)
         assert reaches(_released(scorers[0]), 20), "version 1's scorer is still referenced"
         assert scorers[1]() is not None  # version 2's is not
+        assert list(server.state.batchers) == [NAME] and len(server.state._batchers) == 1  # v1's went
 
 
 def test_request_admitted_before_its_body_arrives_finishes_on_the_old_version(
