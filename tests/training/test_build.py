@@ -353,3 +353,15 @@ def test_input_policy_on_mixed_folders(tmp_path: Path) -> None:
     assert choice.shape == (3, 32, 32)
     grey_only = survey_data("sklearn-digits")
     assert choose_input(grey_only).shape == (1, 8, 8)
+
+
+def test_no_pixel_builds_only_the_embedding_model(
+    small_mnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    argv = ["build", f"folder:{small_mnist}", "--name", "emb", "--no-pixel", "--repository", str(repo)]
+    assert main([*argv, "--runs-dir", str(tmp_path / "runs"), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert find_versions(repo, "emb-embedding") == [1] and find_versions(repo, "emb-pixel") == []
+    assert not (repo / "_ensembles").exists()
+    assert "/v1/models/emb-embedding/score" in _curl_line(out)
