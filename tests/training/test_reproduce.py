@@ -110,6 +110,7 @@ def test_fit_control() -> None:
     others = {"horizontal": (6.8, 0.07), "cycle": (6.9, 0.23), "baseline": (4.1, 0.05)}
     text = fit_control(("bottleneck", 5.4, 0.61), others)
     assert "does not produce it" in text and "horizontal 6.80 bits/dim" in text and "baseline" not in text
+    assert fit_control(("b", 5.4, 0.61), others, "MNIST").startswith("Fit control (MNIST):")
     others["cycle"] = (6.9, 0.7)
     assert "could explain it" in fit_control(("bottleneck", 5.4, 0.61), others)
     assert "no fit control" in fit_control(("bottleneck", 9.0, 0.61), others)
