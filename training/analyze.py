@@ -52,6 +52,7 @@ __all__ = [
     "analyze",
     "analyze_many",
     "analyze_model",
+    "coadaptation_sentence",
     "measure",
     "save_png",
     "load_pixel_flow",
@@ -259,6 +260,25 @@ def prediction_caption(
     )
 
 
+def coadaptation_sentence(coupling2: tuple[str, str]) -> str:
+    """What coupling 2's prediction verdicts (in-distribution, OOD) say about co-adaptation (§6)."""
+    caveat = "though a prediction from coupling 1's unchanged pixels would look the same: these numbers do not isolate it"
+    if coupling2 == ("better", "better"):
+        return (
+            "Coupling 2 predicts the part it transforms from coupling 1's *output* better than both guesses, which "
+            f"is consistent with co-adaptation (§6), {caveat}."
+        )
+    if "better" in coupling2:
+        where, other = ("in-distribution", "OOD") if coupling2[0] == "better" else ("OOD", "in-distribution")
+        return (
+            f"Coupling 2 beats both guesses on {where} images only: consistent with co-adaptation (§6) there, "
+            f"{caveat}; not on {other} images, while the paper finds both transformed alike."
+        )
+    return (
+        "Coupling 2's predictions do not beat both guesses: this figure shows no sign of co-adaptation (§6)."
+    )
+
+
 def _derange(n: int) -> list[int]:
     """Another image of the same group for each image: the next one, cyclically."""
     return [(j + 1) % n for j in range(n)] if n > 1 else [0]
@@ -344,15 +364,8 @@ def measure(model: PixelFlow, images: np.ndarray, labels: list[str]) -> dict[str
             )
             clauses.append(clause)
             verdicts.append(v)
-        if verdicts[1][0] == "better" and verdicts[1][1] == "better":
-            coadapt = (
-                "Coupling 2 predicts the part it transforms from coupling 1's *output* better than both guesses, "
-                "which is consistent with co-adaptation (§6), though a prediction from coupling 1's unchanged "
-                "pixels would look the same: these numbers do not isolate it."
-            )
-        else:
-            coadapt = "Coupling 2's predictions do not beat both guesses: this figure shows no sign of co-adaptation (§6)."
-        notes["coadaptation.png"] = "Measured: " + "; ".join(clauses) + ". " + coadapt
+        notes_coadapt = coadaptation_sentence(verdicts[1])
+        notes["coadaptation.png"] = "Measured: " + "; ".join(clauses) + ". " + notes_coadapt
     return notes
 
 

@@ -17,6 +17,7 @@ from models.transforms import Squeeze
 from training.analyze import (
     analyze,
     analyze_model,
+    coadaptation_sentence,
     edge_caption,
     edge_verdict,
     measure,
@@ -151,3 +152,10 @@ def test_measure_on_a_real_flow_writes_a_caption_per_figure() -> None:
     assert set(notes) == {"latent.png", "st_maps.png", "coupling_outputs.png", "coadaptation.png"}
     assert all(text.startswith("Measured:") for text in notes.values())
     assert "all-black guess" in notes["coadaptation.png"] and "§6" in notes["coadaptation.png"]
+
+
+def test_coadaptation_sentence() -> None:
+    assert "consistent with co-adaptation" in coadaptation_sentence(("better", "better"))
+    mixed = coadaptation_sentence(("better", "no better"))
+    assert "on in-distribution images only" in mixed and "not on OOD images" in mixed
+    assert "no sign of co-adaptation" in coadaptation_sentence(("no better", "worse"))
