@@ -539,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        # A serving install (oodflow[serve]) has no training stack: say which extra brings it.
+        print(
+            f"oodflow: error: `oodflow {args.command}` needs the module '{exc.name}', which this install "
+            "lacks; training verbs need: pip install 'oodflow[train]'",
+            file=sys.stderr,
+        )
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         # Dataset, config and artifact errors carry one-line messages meant for the user.
         print(f"oodflow: error: {exc}", file=sys.stderr)

@@ -187,6 +187,10 @@ def load_model(
         manifest = verify_artifact(path, required=(graph,))
     except ArtifactError as exc:
         raise ModelLoadError(f"artifact check failed: {exc}") from None
+    except OSError as exc:  # e.g. a version folder the serving user may not read (mode 0700)
+        raise ModelLoadError(
+            f"artifact check failed: cannot read {exc.filename or path}: {exc.strerror or exc}"
+        ) from None
     if expected_name is not None and manifest.name != expected_name:
         raise ModelLoadError(
             f"manifest names model '{manifest.name}' but it lies in folder '{expected_name}'"

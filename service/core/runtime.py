@@ -8,6 +8,8 @@ returns them as a tuple in that order.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -27,6 +29,7 @@ __all__ = [
 
 RuntimeName = Literal["onnx", "torchscript"]
 Device = Literal["auto", "cpu", "cuda"]
+_ORT_DEFAULT_SEVERITY = 2  # ONNX Runtime's default logger level (warning)
 
 
 class Scorer(Protocol):
@@ -38,6 +41,27 @@ class Scorer(Protocol):
     input_shape: tuple[int | None, int | None, int | None]
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def _session(ort: Any, path: Path, options: Any, use_cuda: bool, quiet: bool) -> Any:
+    """An InferenceSession on CUDA (falling back to CPU) or on CPU.
+
+    onnxruntime-gpu lists the CUDA provider as available whether or not the machine has a GPU and
+    the CUDA libraries; when it cannot start, ONNX Runtime logs errors (or prints a banner) and
+    falls back to CPU. For `auto` that fallback is the expected outcome on a CPU machine, so it is
+    silenced; `cuda` checks the session's providers afterwards instead.
+    """
+    if not use_cuda:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if not quiet:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    ort.set_default_logger_severity(4)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
 
 
 class OnnxScorer:
@@ -54,9 +78,6 @@ class OnnxScorer:
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise RuntimeError(f"device 'cuda' requested but ONNX Runtime offers only {available}")
         use_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
-        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         # One batch at a time per model (the batcher's thread): no inter-op parallelism to buy.
@@ -66,8 +87,13 @@ class OnnxScorer:
         options.log_severity_level = 3
         # Idle intra-op threads spin by default; on a small CPU they would take the event loop's core.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self._session = _session(ort, path, options, use_cuda, quiet=device == "auto")
         self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            raise RuntimeError(
+                "device 'cuda' requested but ONNX Runtime's CUDA provider did not start (no GPU, driver, "
+                "or CUDA/cuDNN libraries it needs); use --device cpu or auto"
+            )
         inputs = self._session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != GRAPH_INPUT or inputs[0].type != "tensor(uint8)":
             described = [(i.name, i.type) for i in inputs]
@@ -90,7 +116,13 @@ class TorchScriptScorer:
     runtime = "torchscript"
 
     def __init__(self, path: Path, device: str = "auto", intra_op_threads: int = 0) -> None:
-        import torch  # imported here so an ONNX-only service never pays for it
+        try:
+            import torch  # imported here so an ONNX-only service never pays for it
+        except ImportError:
+            raise RuntimeError(
+                "the torchscript runtime needs torch, which this install lacks: "
+                "pip install 'oodflow[torchscript]', or serve with --runtime onnx"
+            ) from None
 
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")

@@ -235,3 +235,29 @@ def test_the_other_uid_check_can_fail(repository: Path) -> None:
         weights.chmod(FILE_MODE)
     assert result.returncode != 0
     assert "PermissionError" in result.stderr and "weights.safetensors" in result.stderr
+
+
+_SERVE = """
+from service.core import Registry
+registry = Registry({repository!r})
+registry.load_all()
+for name in sorted(registry.models):
+    entry = registry.models[name]
+    print(name, entry.status, entry.reason)
+"""
+
+
+@pytest.mark.usefixtures("as_root")
+def test_the_service_refuses_a_version_it_cannot_read_and_serves_the_rest(repository: Path) -> None:
+    """A private version folder (as every export made before issue 9) is refused with the reason,
+    never left 'loading'; the readable model serves."""
+    folder = repository / GREY_MODEL / "1"
+    folder.chmod(0o700)
+    try:
+        result = _run_as(OTHER_UID, _SERVE.format(repository=str(repository)))
+    finally:
+        folder.chmod(0o755)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+    assert lines[RGB_MODEL] == "ready None"
+    assert lines[GREY_MODEL].startswith("failed ") and "Permission denied" in lines[GREY_MODEL]
