@@ -59,6 +59,7 @@ from models.artifact import (
     ensemble_path,
     find_versions,
     load_ensemble,
+    mkdir_readable,
     verify_artifact,
 )
 from models.config import EmbeddingFlowConfig, PixelFlowConfig
@@ -563,7 +564,7 @@ def _example_image(survey: DataSurvey, shape: tuple[int, int, int], fallback: Im
     if survey.folder is not None and survey.examples:
         best = (shape[1], shape[2]) if (shape[1], shape[2]) in survey.examples else None
         return (survey.examples[best] if best else next(iter(survey.examples.values()))).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    mkdir_readable(folder)
     path = folder / "example.png"
     image = fallback.images[0]
     Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
@@ -850,13 +851,13 @@ def _build(
             published: dict[str, Path] = {}
             for model, path in staged.items():
                 target = repository / model / path.name
-                target.parent.mkdir(parents=True, exist_ok=True)
+                mkdir_readable(target.parent)
                 os.replace(path, target)
                 published[model] = target
             ensemble_file = None
             if ensemble_staged is not None:
                 ensemble_file = ensemble_path(repository, name)
-                ensemble_file.parent.mkdir(parents=True, exist_ok=True)
+                mkdir_readable(ensemble_file.parent)
                 md = ensemble_staged.with_suffix(".md")
                 if md.is_file():
                     os.replace(md, ensemble_file.with_suffix(".md"))
