@@ -533,35 +533,15 @@ def _load_image_folder(
     )
 
 
-def _npz_layout(array: np.ndarray, path: Path) -> np.ndarray:
-    """`(N, H, W)`, `(N, H, W, C)` or `(N, C, H, W)` with C in 1..4 -> `(N, C', H, W)`, C' 1 or 3."""
-    try:
-        return images_lib.npz_layout(array)
-    except images_lib.ImageError as error:
-        raise DatasetError(f"{path}: {error}") from None
-
-
 def _load_npz(path: Path, name: str) -> ImageSet:
     if not path.is_file():
         raise DatasetError(f"npz file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = list(archive.files)
-            if "images" in keys:
-                images = archive["images"]
-            elif len(keys) == 1:
-                images = archive[keys[0]]
-            else:
-                raise DatasetError(
-                    f"{path}: npz without images array (keys: {', '.join(keys) or 'none'}); "
-                    "store the images under 'images' or as the only array"
-                )
-            labels = archive["labels"] if "labels" in keys and "images" in keys else None
-    except DatasetError:
-        raise
-    except (OSError, ValueError, EOFError, zlib.error) as error:
+        images, labels = images_lib.npz_images(path)
+    except images_lib.ImageError as error:
+        raise DatasetError(f"{path}: {error}") from None
+    except OSError as error:
         raise DatasetError(f"unreadable npz file {path}: {error}") from error
-    images = np.ascontiguousarray(_npz_layout(_to_uint8(images, str(path)), path))
     if labels is not None:
         if labels.shape != (len(images),) or not (
             np.issubdtype(labels.dtype, np.integer) or np.all(np.floor(labels) == labels)
