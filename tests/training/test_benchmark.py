@@ -307,3 +307,22 @@ def test_stale_ensemble_is_a_one_line_error(bench_repository: Path, tmp_path: Pa
         with pytest.raises(DatasetError, match=message) as info:
             run_benchmark(name, repository, **FAST)
         assert "\n" not in str(info.value)
+
+
+def test_far_set_sharing_test_images_is_marked(bench_repository: Path, tmp_path: Path) -> None:
+    """A far-OOD set that holds in-distribution test images is no far-OOD set: the report says so."""
+    test = load_dataset("fashion-mnist:test", limit=256, seed=0).images
+    digits = load_dataset("mnist", limit=40, seed=1).images
+    np.savez(tmp_path / "mixed.npz", images=np.concatenate([digits, test[:10]])[:, 0])
+    result = run_benchmark(
+        "fmnist-embedding-quick",
+        bench_repository,
+        far=[f"npz:{tmp_path / 'mixed.npz'}"],
+        near=["vflip"],
+        symmetries=["none"],
+        limit=None,
+        resamples=0,
+        progress=False,
+    )
+    (mixed,) = [s for s in result["sets"] if s["family"] == "far"]
+    assert mixed["size"] == 50 and "10 images also in the in-distribution test set" in mixed["description"]

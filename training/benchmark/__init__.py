@@ -19,6 +19,7 @@ Scores come only from the exported ONNX graphs, computed like the service comput
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ from training.benchmark.graphs import (
 from training.benchmark.metrics import METRICS, binomial_interval, ood_metrics_with_ci
 from training.benchmark.sets import (
     NEAR_TRANSFORMS,
+    SYNTHETIC,
     BenchmarkSet,
     default_far_specs,
     default_symmetries,
@@ -77,7 +79,9 @@ def _held_out_test(manifest: Manifest) -> ImageSet:
     from training.config import RunConfig
     from training.runs import load_splits
 
-    raw = {k: v for k, v in manifest.training.items() if k != "summary"}
+    # The run config as exported (model config under `architecture`); bookkeeping keys added by
+    # the exporter (summary, split sizes) are not config.
+    raw = {k: v for k, v in manifest.training.items() if k in RunConfig.model_fields}
     try:
         config = RunConfig.model_validate({**raw, "model": manifest.architecture})
     except ValueError as exc:
@@ -87,6 +91,12 @@ def _held_out_test(manifest: Manifest) -> ImageSet:
         ) from None
     splits = load_splits(config, with_eval_sets=False)
     assert splits.test is not None
+    # The same seed and spec give the same permutation: the training split's fingerprint proves it.
+    if splits.fingerprint != manifest.data.fingerprint:
+        raise BenchmarkError(
+            f"{manifest.name}: the split rebuilt from the manifest's data config does not reproduce the "
+            "training images the model saw (fingerprint mismatch: the data changed?); pass --test SPEC"
+        )
     return ImageSet(
         f"{config.data.in_distribution} (held-out test split)",
         splits.test.images,
@@ -121,8 +131,9 @@ def _member_test_set(manifest: Manifest) -> tuple[ImageSet, str]:
 
 def _in_distribution(
     members: Sequence[GraphModel], test: str | None, limit: int | None, seed: int
-) -> tuple[ImageSet, str, str]:
-    """`(test set, how it was obtained, in-distribution spec)` shared by every member."""
+) -> tuple[ImageSet, str, str, set[bytes]]:
+    """`(test set, how it was obtained, in-distribution spec, digests of the whole test set's images)`
+    shared by every member."""
     first = members[0].manifest
     in_spec = first.data.in_distribution
     if test is not None:
@@ -138,12 +149,19 @@ def _in_distribution(
         dataset, how = found[0]
     if len(dataset) < 2:
         raise BenchmarkError(f"the in-distribution test set has {len(dataset)} image(s); need at least 2")
+    full_hashes = _image_hashes(dataset.images)
     if limit is not None and limit < len(dataset):
         # Random order, never a prefix (sources such as MNIST are stored sorted by label).
         chosen = np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False)
         dataset = dataset.subset(np.sort(chosen))
         how += f"; seeded sample of {limit} (--limit, seed {seed})"
-    return dataset, how, in_spec
+    return dataset, how, in_spec, full_hashes
+
+
+def _image_hashes(images: np.ndarray) -> set[bytes]:
+    """One digest per image's pixels: finds the same images in two sets (e.g. a far-OOD dataset
+    that is the in-distribution data under another name)."""
+    return {hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest() for image in images}
 
 
 def _selection_proxies(manifest: Manifest) -> dict[str, Any] | None:
@@ -243,7 +261,7 @@ def run_benchmark(
         resolve_ensembles([served], {m.name: m for m in members})
         if served.status != "valid":
             raise BenchmarkError(f"ensemble '{ensemble.name}' is {served.status}: {served.reason}")
-    test_set, test_how, in_spec = _in_distribution(members, test, limit, seed)
+    test_set, test_how, in_spec, test_hashes = _in_distribution(members, test, limit, seed)
     symmetry_source = "declared with --symmetries"
     if declared is None:
         declared = list(default_symmetries(in_spec))
@@ -265,11 +283,26 @@ def run_benchmark(
     skipped: dict[str, str] = {}
     for spec in far_specs:
         try:
-            sets.append(far_set(spec, shape, limit=limit, seed=seed, synthetic_count=synthetic_count))
+            candidate = far_set(spec, shape, limit=limit, seed=seed, synthetic_count=synthetic_count)
         except DatasetError as exc:
             if far is not None:
                 raise
             skipped[spec] = str(exc)  # a default source that does not load here is reported, not fatal
+            continue
+        shared = 0 if spec in SYNTHETIC else len(_image_hashes(candidate.images) & test_hashes)
+        if shared and far is None and shared >= 0.01 * len(candidate):
+            # e.g. `mnist` for a model trained on a folder of MNIST digits: not OOD at all.
+            skipped[spec] = f"{shared} of its {len(candidate)} images are in-distribution test images"
+            continue
+        if shared:
+            candidate = BenchmarkSet(
+                candidate.name,
+                candidate.family,
+                f"{candidate.description} (**{shared} images also in the in-distribution test set**)",
+                candidate.images,
+                candidate.labels,
+            )
+        sets.append(candidate)
 
     # Scores: per set, per score key. Keys: "<member>/<statistic>", and "combined" for an ensemble.
     statistics = {m.name: member_statistics(m.manifest, m.output_names) for m in members}
