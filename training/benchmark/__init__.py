@@ -420,7 +420,9 @@ def run_benchmark(
         "bootstrap": {
             "resamples": resamples,
             "seed": seed,
-            "method": "stratified (in-distribution and OOD resampled separately, sizes kept), percentile 95% interval",
+            "method": "stratified (in-distribution and OOD resampled separately, sizes kept), percentile 95% "
+            "interval; a near-OOD set is the test images transformed, and resampling the two separately "
+            "ignores that pairing",
         },
         "members": [
             {

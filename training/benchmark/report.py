@@ -110,7 +110,7 @@ def _figures(result: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
                 clipped = np.clip(np.nan_to_num(values, nan=high), low, high)
                 ax.hist(
                     clipped,
-                    bins=bins,
+                    bins=bins.tolist(),
                     density=True,
                     histtype="stepfilled" if i == 0 else "step",
                     alpha=0.35 if i == 0 else 0.9,
@@ -213,6 +213,25 @@ def markdown(result: dict[str, Any], figures: list[tuple[str, str]], figures_pre
             f"| {s['family']} | {_set_name(result, s['name'])} | {s['size']} | " + " | ".join(cells) + " |"
         )
     lines.append("")
+
+    if result["ensemble"]:
+        shipped = [k for k in result["thresholded"] if k != "combined"]
+        trailing = []
+        for s in sets:
+            if s["family"] == "symmetry":
+                continue
+            best = max(shipped, key=lambda k: rows[(s["name"], k)]["auroc"])
+            gap = rows[(s["name"], best)]["auroc"] - rows[(s["name"], "combined")]["auroc"]
+            if gap > 0.01:
+                trailing.append((s["name"], best, gap))
+        if trailing:
+            lines += [
+                "Where the combined verdict trails its best member's shipped score by more than 0.01 AUROC "
+                "(a member that is blind to a set dilutes the others' evidence): "
+                + "; ".join(f"{n}: {_label(result, b)} by {g:.3f}" for n, b, g in trailing)
+                + ".",
+                "",
+            ]
 
     lines += ["## The sets", "", "| family | set | n | what |", "|---|---|---:|---|"]
     for s in sets:
