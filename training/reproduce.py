@@ -1255,7 +1255,7 @@ def _reproduce(
                     rule,  # type: ignore[arg-type]
                 )
                 label = (
-                    f"combined ({rule}): embedding likelihood + {partner.label.split(' + ')[0]} "
+                    f"combined ({rule}): embedding likelihood + {partner.label.removesuffix(' + background')}: "
                     f"{STATISTIC_LABELS[statistic]}"
                 )
                 ensembles[label] = _family_metrics(comb.splits, families)
