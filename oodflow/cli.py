@@ -401,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_args(p, "14")
     p.set_defaults(func=_cmd_build_defaults)
 
-    p = sub.add_parser("reproduce", help="the paper's Sections 7-8 comparison, Fashion-MNIST vs MNIST")
+    p = sub.add_parser(
+        "reproduce",
+        help="the paper's §4, §7 and §8 experiments (likelihood failure, masks, bottleneck, embeddings) on five OOD families",
+    )
     p.add_argument("--budget", default="cpu", choices=["tiny", "cpu", "gpu"])
     p.add_argument(
         "--output", default="docs/reproduction.md", help="the Markdown report (analysis.md goes beside it)"
