@@ -88,12 +88,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     c = calibrate(args.run_dir, device=args.device, statistic=args.statistic)
     print(
-        f"threshold {c['threshold']:.5f} ({c['statistic']}) at target FPR {c['target_fpr']:.1%} on "
-        f"{c['validation_size']} held-out images; observed FPR {c['validation_fpr']:.2%}"
+        f"threshold {c.threshold:.5f} ({c.statistic}) at target FPR {c.target_fpr:.1%} on "
+        f"{c.validation_size} held-out images; observed FPR {c.validation_fpr:.2%}"
     )
-    selection = c.get("selection", {})
-    if selection.get("by") == "selection":
-        worst = ", ".join(f"{k} {v:.3f}" for k, v in selection["worst_case_auroc"].items())
+    if c.selection is not None and c.selection.by == "selection":
+        worst = ", ".join(f"{k} {v:.3f}" for k, v in c.selection.worst_case_auroc.items())
         print(f"statistic chosen on validation data and OOD proxies; worst-case proxy AUROC: {worst}")
     return 0
 
@@ -153,7 +152,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_defaults(args: argparse.Namespace) -> int:
-    from training.pipeline import DEFAULT_BUILD_MINUTES, build_defaults
+    from training.defaults import DEFAULT_BUILD_MINUTES, build_defaults
 
     result = build_defaults(
         _repository(args.repository),
@@ -328,6 +327,9 @@ def _add_build_args(p: argparse.ArgumentParser, minutes: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # from models.scores, not training.config: building the parser imports nothing of training
+    from models.scores import OOD_STATISTICS
+
     parser = argparse.ArgumentParser(prog="oodflow", description="OOD scoring with normalizing flows")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -357,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(
                 "--statistic",
-                choices=["nll", "typicality", "complexity", "likelihood_ratio", "auto"],
+                choices=[*OOD_STATISTICS, "auto"],
                 help="OOD statistic (default: the run config's); auto: chosen on validation data and "
                 "OOD proxies only (training.selection); a named one is recorded as chosen by the user",
             )

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ from training.config import CalibrationConfig, DataConfig, RunConfig, TrainConfi
 from training.data import IMAGE_EXTENSIONS, DatasetError, ImageSet, load_dataset
 from training.runs import Splits, load_splits, resolve_device, splits_record
 from training.scoring import inner_progress
+
+if TYPE_CHECKING:  # the steps themselves are imported inside `build`
+    from training.calibrate import CalibrationRecord
 
 __all__ = [
     "DEFAULT_MINUTES",
@@ -898,7 +901,7 @@ def _summary(
     configs: dict[str, RunConfig],
     kinds: list[str],
     evaluation: dict[str, dict[str, Any]],
-    calibration: dict[str, dict[str, Any]],
+    calibration: dict[str, CalibrationRecord],
     published: dict[str, Path],
     ensemble_file: Path | None,
     timings: dict[str, float],
@@ -912,13 +915,13 @@ def _summary(
         ]
         models[configs[kind].name] = {
             "kind": kind,
-            "statistic": cal["statistic"],
-            "selection": cal.get("selection"),
+            "statistic": cal.statistic,
+            "selection": None if cal.selection is None else cal.selection.model_dump(mode="json"),
             "steps": summary.get("steps"),
             "completed": summary.get("completed"),
-            "threshold": cal["threshold"],
-            "target_fpr": cal["target_fpr"],
-            "calibration_size": cal["validation_size"],
+            "threshold": cal.threshold,
+            "target_fpr": cal.target_fpr,
+            "calibration_size": cal.validation_size,
             "test_flagged_fraction": ev["in_distribution"]["flagged_fraction"],
             "test_size": ev["in_distribution"]["size"],
             "ood": {

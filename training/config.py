@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.config import EmbeddingFlowConfig, ModelConfig, PixelFlowConfig
+from models.scores import OodStatistic
 
 __all__ = [
     "HELD_OUT",
@@ -19,6 +20,7 @@ __all__ = [
     "CalibrationConfig",
     "DataConfig",
     "RunConfig",
+    "StatisticChoice",
     "TrainConfig",
     "apply_overrides",
     "load_run_config",
@@ -32,6 +34,10 @@ class _Config(BaseModel):
 # `test_set = "held-out"` (TOML has no null) or None: the test split is carved out of the
 # in-distribution data, disjoint from train, validation and calibration (training.runs.load_splits).
 HELD_OUT = "held-out"
+
+# A run config names an OOD statistic (models.scores) or "auto": chosen on validation data and OOD
+# proxies only (training.selection).
+StatisticChoice = OodStatistic | Literal["auto"]
 
 
 class DataConfig(_Config):
@@ -92,8 +98,7 @@ class BackgroundConfig(_Config):
 
 
 class CalibrationConfig(_Config):
-    # "auto": chosen on validation data and OOD proxies only (training.selection, engineer B2)
-    statistic: Literal["nll", "typicality", "complexity", "likelihood_ratio", "auto"] = "nll"
+    statistic: StatisticChoice = "nll"
     target_fpr: float = Field(0.05, gt=0, lt=1)
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
 

@@ -18,7 +18,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve  #
 
 from models.flows import EmbeddingFlow  # noqa: E402
 from models.scores import bits_per_dim  # noqa: E402
-from training.calibrate import compute_scores, load_background_for  # noqa: E402
+from training.calibrate import (  # noqa: E402
+    CalibrationRecord,
+    compute_scores,
+    load_background_for,
+    read_calibration,
+)
 from training.runs import Run, Splits, load_splits, resolve_device  # noqa: E402
 from training.scoring import cached_features  # noqa: E402
 from training.statistics import save_split_scores, statistic_inputs  # noqa: E402
@@ -97,21 +102,21 @@ def _roc_plot(path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], tit
 def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None) -> dict[str, Any]:
     run = Run(run_dir)  # type: ignore[arg-type]
     config = run.config
-    calibration = run.read_json("calibration.json")
+    calibration = read_calibration(run)
     dev = resolve_device(device)
     model = run.load_model(dev)
-    background = load_background_for(run, calibration["statistic"], dev)
+    background = load_background_for(run, calibration.statistic, dev)
     splits = splits or load_splits(config)
     assert splits.test is not None
     cache = run.dir / "features"
     num_dims = model.num_dims
-    threshold = float(calibration["threshold"])
+    threshold = calibration.threshold
 
     def scored(dataset, key):  # type: ignore[no-untyped-def]
         inputs = statistic_inputs(
-            model, dataset, [calibration["statistic"]], background=background, cache_dir=cache, key=key
+            model, dataset, [calibration.statistic], background=background, cache_dir=cache, key=key
         )
-        scores = compute_scores(run, calibration, inputs)
+        scores = compute_scores(calibration, inputs)
         save_split_scores(run.dir / "scores", key, dataset, scores, inputs.log_likelihood)
         return inputs.log_likelihood, scores
 
@@ -120,9 +125,9 @@ def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None
     results: dict[str, Any] = {
         "convention": "OpenOOD: OOD is the positive class for AUROC, AUPR-Out and FPR@95%TPR; "
         "AUPR-In treats in-distribution as positive",
-        "statistic": calibration["statistic"],
+        "statistic": calibration.statistic,
         "threshold": threshold,
-        "target_fpr": calibration["target_fpr"],
+        "target_fpr": calibration.target_fpr,
         "in_distribution": {
             "dataset": config.data.test_set or f"{config.data.in_distribution} (held-out test split)",
             "size": len(test_ll),
@@ -152,7 +157,7 @@ def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None
         y = np.r_[np.zeros(len(test_scores)), np.ones(len(scores))]
         fpr, tpr, _ = roc_curve(y, np.r_[test_scores, scores])
         curves[name] = (fpr, tpr, metrics["auroc"])
-    if model.kind == "pixel" and calibration["statistic"] != "nll":
+    if model.kind == "pixel" and calibration.statistic != "nll":
         # Raw likelihood on the same images, so the report shows what the corrected score fixes.
         results["baselines"] = {
             "likelihood": {
@@ -178,11 +183,11 @@ def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None
         f"{config.name}: {unit} per dataset",
         unit,
         bpd_series,
-        threshold if calibration["statistic"] == "nll" else float("nan"),
+        threshold if calibration.statistic == "nll" else float("nan"),
     )
     _plot(
         report / "histogram_ood_score.png",
-        f"{config.name}: ood_score ({calibration['statistic']})",
+        f"{config.name}: ood_score ({calibration.statistic})",
         "ood_score (higher = more OOD)",
         score_series,
         threshold,
@@ -195,7 +200,7 @@ def evaluate(run_dir: str, *, device: str = "auto", splits: Splits | None = None
     return results
 
 
-def _markdown(run: Run, results: dict[str, Any], calibration: dict[str, Any]) -> str:
+def _markdown(run: Run, results: dict[str, Any], calibration: CalibrationRecord) -> str:
     config = run.config
     summary = run.read_json("train_summary.json") if (run.dir / "train_summary.json").is_file() else {}
     idd = results["in_distribution"]
@@ -208,24 +213,22 @@ def _markdown(run: Run, results: dict[str, Any], calibration: dict[str, Any]) ->
         f"{summary.get('steps', '?')} training steps",
         f"- in-distribution: `{config.data.in_distribution}` (fingerprint in the manifest); test set "
         f"`{idd['dataset']}`, {idd['size']} images, mean **{idd['mean_bits_per_dim']:.3f}** bits/dim",
-        f"- OOD score: `{calibration['statistic']}` (higher = more OOD); threshold {calibration['threshold']:.4f} "
-        f"set on {calibration['validation_size']} held-out in-distribution images at target FPR "
-        f"{calibration['target_fpr']:.0%}; {idd['flagged_fraction']:.1%} of the test set is flagged",
+        f"- OOD score: `{calibration.statistic}` (higher = more OOD); threshold {calibration.threshold:.4f} "
+        f"set on {calibration.validation_size} held-out in-distribution images at target FPR "
+        f"{calibration.target_fpr:.0%}; {idd['flagged_fraction']:.1%} of the test set is flagged",
         f"- convention: {results['convention']}",
     ]
-    selection = calibration.get("selection")
+    selection = calibration.selection
     used = [results["in_distribution"]["dataset"], *(m["dataset"] for m in results["ood"])]
     lines.append(
-        f"- choices: the statistic `{calibration['statistic']}` was "
+        f"- choices: the statistic `{calibration.statistic}` was "
         + (
             "chosen on in-distribution validation data and OOD proxies made from it ("
-            + ", ".join(
-                str(x.get("name", x)) if isinstance(x, dict) else str(x) for x in selection.get("proxies", [])
-            )
+            + ", ".join(str(x.get("name", x)) for x in selection.proxies)
             + ") by the rule recorded in calibration.json and the manifest"
-            if isinstance(selection, dict) and selection.get("by") == "selection"
+            if selection is not None and selection.by == "selection"
             else "chosen by the user (oodflow calibrate --statistic)"
-            if isinstance(selection, dict) and selection.get("by") == "user"
+            if selection is not None and selection.by == "user"
             else "fixed in the run config"
         )
         + "; the threshold was set on the calibration split; the evaluation sets ("
@@ -253,7 +256,7 @@ def _markdown(run: Run, results: dict[str, Any], calibration: dict[str, Any]) ->
         )
     lines.append("")
     for m in results["ood"]:
-        if config.model.kind == "pixel" and calibration["statistic"] == "nll" and m["auroc"] < 0.5:
+        if config.model.kind == "pixel" and calibration.statistic == "nll" and m["auroc"] < 0.5:
             lines.append(
                 f"**The likelihood failure is reproduced on {m['dataset']}** (Nalisnick et al. 2019; Kirichenko et al. "
                 f"2020): the flow gives the OOD images *higher* likelihood ({m['mean_bits_per_dim']:.3f} bits/dim vs "
@@ -263,7 +266,7 @@ def _markdown(run: Run, results: dict[str, Any], calibration: dict[str, Any]) ->
             )
     if "likelihood" in results.get("baselines", {}):
         lines += [
-            f"## Raw likelihood vs `{calibration['statistic']}`",
+            f"## Raw likelihood vs `{calibration.statistic}`",
             "",
             "| OOD set | raw likelihood AUROC | ood_score AUROC | raw likelihood FPR@95%TPR | ood_score FPR@95%TPR |",
             "|---|---|---|---|---|",
@@ -279,7 +282,7 @@ def _markdown(run: Run, results: dict[str, Any], calibration: dict[str, Any]) ->
             if b["auroc"] < 0.5:
                 lines.append(
                     f"**The likelihood failure is reproduced on {name}**: raw likelihood AUROC {b['auroc']:.3f} "
-                    f"(the flow prefers the OOD images); the `{calibration['statistic']}` score gives "
+                    f"(the flow prefers the OOD images); the `{calibration.statistic}` score gives "
                     f"{ours[name]['auroc']:.3f}.\n"
                 )
     if "gaussian_full_covariance" in results.get("baselines", {}):

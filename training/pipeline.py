@@ -1,56 +1,25 @@
-"""Export a finished run as an artifact; chain the steps of one run; `build-defaults` (the
-`oodflow build` verb of training.build applied to Fashion-MNIST)."""
+"""Export a finished run as an artifact; chain the steps of one run (train → calibrate → evaluate →
+export). `oodflow build` (training.build) and `build-defaults` (training.defaults) sit above this."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from models.artifact import (
-    ArtifactError,
-    BackgroundSpec,
-    Calibration,
-    ComplexitySpec,
-    DataSpec,
-    InputSpec,
-    Manifest,
-    OodMetrics,
-    ScoreSpec,
-    find_versions,
-    verify_artifact,
-)
-from models.scores import LN256
+from models.artifact import DataSpec, InputSpec, Manifest, OodMetrics
+from models.scores import LN256, OodStatistic
 from training.background import scoring_model, train_background
-from training.build import BuildResult, build
-from training.calibrate import calibrate
+from training.calibrate import calibrate, read_calibration
 from training.config import RunConfig
 from training.evaluate import evaluate
 from training.export import export_artifact, next_version
 from training.runs import Run, Splits, load_splits, splits_record
 from training.train import train
 
-__all__ = [
-    "DEFAULT_BUILD_MINUTES",
-    "DEFAULT_ENSEMBLE",
-    "DEFAULT_MODELS",
-    "build_default_ensemble",
-    "build_defaults",
-    "build_run",
-    "export_run",
-]
+__all__ = ["build_run", "export_run"]
 
-DEFAULT_MODELS: dict[str, str] = {
-    "fmnist-embedding": "fmnist-embedding",
-    "fmnist-pixel": "fmnist-pixel-realnvp",
-}
-# The combined verdict of the default models (issue 6 §2): `<repository>/_ensembles/fmnist.json`.
-DEFAULT_ENSEMBLE = "fmnist"
-# The whole of `build-defaults` (60,000 training images): within the 15 minutes `make serve` promises.
-DEFAULT_BUILD_MINUTES = 14.0
-
-_STATISTIC_TEXT = {
+_STATISTIC_TEXT: dict[OodStatistic, str] = {
     "nll": "negative log-likelihood in bits/dim (one-sided: low likelihood is OOD)",
     "typicality": "two-sided typicality |bits/dim − mean in-distribution bits/dim| (Nalisnick et al. 2019)",
     "complexity": "input complexity S(x) = bits/dim under the flow − PNG bits/dim of the image at "
@@ -64,7 +33,7 @@ _STATISTIC_TEXT = {
 def _manifest(run: Run, name: str, version: int) -> Manifest:
     config = run.config
     model_cfg = config.model
-    calibration = run.read_json("calibration.json")
+    calibration = read_calibration(run)
     evaluation = run.read_json("evaluation.json")
     summary = run.read_json("train_summary.json")
     c, h, w = model_cfg.input_shape
@@ -76,11 +45,11 @@ def _manifest(run: Run, name: str, version: int) -> Manifest:
         kind=model_cfg.kind,
         description=config.description,
         input=InputSpec(channels=c, height=h, width=w, colour="L" if c == 1 else "RGB"),
-        num_dims=int(calibration["num_dims"]),
+        num_dims=calibration.num_dims,
         bits_per_dim_unit="pixel" if pixel else "feature",
         log_likelihood_definition=(
             "log P(x) of the discrete 8-bit image in nats: continuous density of the mid-point "
-            f"dequantized image on [0,1]^D minus D·ln 256 (D·ln 256 = {int(calibration['num_dims']) * LN256:.2f})"
+            f"dequantized image on [0,1]^D minus D·ln 256 (D·ln 256 = {calibration.num_dims * LN256:.2f})"
             if pixel
             else "log-density in nats of the L2-normalised, whitened EfficientNet-Lite0 feature vector under the flow"
         ),
@@ -98,22 +67,8 @@ def _manifest(run: Run, name: str, version: int) -> Manifest:
             calibration_size=splits_info["calibration_size"],
             test_set=evaluation["in_distribution"]["dataset"],
         ),
-        score=ScoreSpec(
-            statistic=calibration["statistic"],
-            reference_bits_per_dim=calibration.get("reference_bits_per_dim"),
-            description=_STATISTIC_TEXT.get(calibration["statistic"], calibration["statistic"]),
-            complexity=ComplexitySpec(**calibration["complexity"]) if "complexity" in calibration else None,
-            background=BackgroundSpec(**calibration["background"]) if "background" in calibration else None,
-            selection=calibration.get("selection"),
-        ),
-        calibration=Calibration(
-            target_fpr=calibration["target_fpr"],
-            threshold=calibration["threshold"],
-            validation_set=calibration["validation_set"],
-            validation_size=calibration["validation_size"],
-            validation_fpr=calibration["validation_fpr"],
-            reference_scores=calibration["reference_scores"],
-        ),
+        score=calibration.score_spec(_STATISTIC_TEXT[calibration.statistic]),
+        calibration=calibration.calibration_spec(),
         in_distribution_test={
             "mean_bits_per_dim": evaluation["in_distribution"]["mean_bits_per_dim"],
             "flagged_fraction": evaluation["in_distribution"]["flagged_fraction"],
@@ -136,8 +91,7 @@ def export_run(
     run = Run(run_dir)
     name = name or run.config.name
     version = version or next_version(repository, name)
-    statistic = run.read_json("calibration.json")["statistic"]
-    model = scoring_model(run, statistic, "cpu")
+    model = scoring_model(run, read_calibration(run).statistic, "cpu")
     splits = splits or load_splits(run.config, with_eval_sets=True)
     # Parity on real images: in-distribution test images and, where there is one, an OOD set.
     pool = [splits.test.images[:4]] if splits.test is not None else [splits.calibration.images[:4]]
@@ -191,79 +145,3 @@ def build_run(
     calibrate(str(run_dir), device=device, splits=splits)
     evaluate(str(run_dir), device=device, splits=splits)
     return export_run(run_dir, repository, name=name, splits=splits)
-
-
-def _verified(repository: Path, name: str) -> bool:
-    versions = find_versions(repository, name)
-    if not versions:
-        return False
-    try:
-        verify_artifact(repository / name / str(versions[-1]))
-        return True
-    except ArtifactError:
-        return False
-
-
-def build_defaults(
-    repository: Path,
-    *,
-    runs_dir: Path = Path("runs"),
-    device: str = "auto",
-    progress: bool = True,
-    force: bool = False,
-    minutes: float = DEFAULT_BUILD_MINUTES,
-    out: Callable[[str], None] | None = None,
-) -> BuildResult:
-    """`oodflow build fashion-mnist:train --name fmnist --test fashion-mnist:test --ood mnist`:
-    `fmnist-embedding`, `fmnist-pixel` and the ensemble `fmnist`; returns at once (result
-    `.skipped`) when the repository already holds them, verified and combined, unless `force`."""
-    return build(
-        "fashion-mnist:train",
-        repository=Path(repository),
-        name=DEFAULT_ENSEMBLE,
-        test="fashion-mnist:test",
-        ood=["mnist"],
-        minutes=minutes,
-        device=device,
-        runs_dir=Path(runs_dir),
-        force=force,
-        progress=progress,
-        skip_built=True,
-        # The default models keep Fashion-MNIST's own 1x28x28 (the README's examples post 28x28
-        # arrays): on a slow or busy machine the pixel flow trains fewer steps instead.
-        shape=(1, 28, 28),
-        out=out,
-    )
-
-
-def build_default_ensemble(repository: Path, runs_dir: Path) -> Path | None:
-    """Combine the default models into `<repository>/_ensembles/fmnist.json`, unless it is already
-    up to date with their latest versions. Needs their run folders (per-image calibration scores);
-    returns None when they are not there (models copied in from elsewhere)."""
-    from models.artifact import ensemble_path, load_ensemble
-    from training.ensemble import build_ensemble
-
-    members = []
-    for name in DEFAULT_MODELS:
-        version = find_versions(repository, name)
-        run_dir = runs_dir / name
-        if not version or not (run_dir / "scores" / "calibration.npz").is_file():
-            return None
-        members.append((run_dir, repository / name / str(version[-1])))
-    path = ensemble_path(repository, DEFAULT_ENSEMBLE)
-    if path.is_file():
-        try:
-            current = load_ensemble(path)
-            if {(m.name, m.version) for m in current.members} == {
-                (n, int(a.name)) for n, (_, a) in zip(DEFAULT_MODELS, members, strict=True)
-            }:
-                return path
-        except ArtifactError:
-            pass
-    path, _ = build_ensemble(
-        members,
-        repository,
-        DEFAULT_ENSEMBLE,
-        description="combined verdict of the default pixel and embedding flows (Fisher's method)",
-    )
-    return path

@@ -1245,7 +1245,7 @@ def _reproduce(
                 # chosen as build-defaults chooses it: validation data and OOD proxies, never these sets
                 from training.selection import select_statistic
 
-                statistic = select_statistic(Run(runs_dir / partner.name), splits, device=device)["chosen"]
+                statistic = select_statistic(Run(runs_dir / partner.name), splits, device=device).chosen
             default_statistic = statistic
             for rule in ("fisher", "min_p"):
                 keys = ["test", *(f"ood-{f}" for f in families)]

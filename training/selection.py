@@ -38,12 +38,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from models.artifact import StatisticSelection
 from models.flows import PixelFlow
 from models.scores import OOD_STATISTICS, OodStatistic, bits_per_dim
 from training.background import has_background, load_background
@@ -193,14 +194,11 @@ def candidate_statistics(run: Run) -> list[OodStatistic]:
     return out
 
 
-def user_choice(statistic: str, by: str) -> dict[str, Any]:
+def user_choice(statistic: OodStatistic, by: Literal["user", "run config"]) -> StatisticSelection:
     """The selection record of a statistic that no procedure chose."""
-    return {
-        "chosen": statistic,
-        "by": by,
-        "rule": f"chosen by the {by}; no selection on data",
-        "candidates": [statistic],
-    }
+    return StatisticSelection(
+        chosen=statistic, by=by, rule=f"chosen by the {by}; no selection on data", candidates=[statistic]
+    )
 
 
 def select_statistic(
@@ -210,10 +208,10 @@ def select_statistic(
     candidates: Sequence[str] | None = None,
     device: str | torch.device = "auto",
     seed: int = 0,
-) -> dict[str, Any]:
+) -> StatisticSelection:
     """Choose the run's OOD statistic on `splits.validation` and its proxies (module docstring).
 
-    Returns the JSON record that goes into calibration.json and the manifest (`score.selection`):
+    Returns the record that goes into calibration.json and the manifest (`score.selection`):
     `chosen`, `by`, `rule`, `candidates`, `proxies` (name, family, description, size), `auroc`
     (candidate -> proxy -> AUROC), `worst_case_auroc`, `mean_auroc`, `data` (what was used, what
     was not).
@@ -256,19 +254,20 @@ def select_statistic(
     table = {c: {p: auroc(scores[c]["validation"], scores[c][p]) for p in proxies} for c in wanted}
     worst = {c: min(row.values()) for c, row in table.items()}
     chosen = choose(worst)
-    return {
-        "chosen": chosen,
-        "by": "selection",
-        "rule": RULE,
-        "candidates": wanted,
-        "proxies": [
+    # `wanted` (and so `chosen`) was checked against OOD_STATISTICS above; pydantic checks it again
+    return StatisticSelection(
+        chosen=chosen,  # type: ignore[arg-type]
+        by="selection",
+        rule=RULE,
+        candidates=wanted,  # type: ignore[arg-type]
+        proxies=[
             {"name": p.name, "family": p.family, "description": p.description, "size": len(validation)}
             for p in PROXIES
         ],
-        "auroc": {c: {p: round(v, 6) for p, v in row.items()} for c, row in table.items()},
-        "worst_case_auroc": {c: round(v, 6) for c, v in worst.items()},
-        "mean_auroc": {c: round(float(np.mean(list(row.values()))), 6) for c, row in table.items()},
-        "data": {
+        auroc={c: {p: round(v, 6) for p, v in row.items()} for c, row in table.items()},
+        worst_case_auroc={c: round(v, 6) for c, v in worst.items()},
+        mean_auroc={c: round(float(np.mean(list(row.values()))), 6) for c, row in table.items()},
+        data={
             "in_distribution": f"{run.config.data.in_distribution} (validation split, held out of training)",
             "size": len(validation),
             "fingerprint": validation.fingerprint(),
@@ -276,4 +275,4 @@ def select_statistic(
             "not_used": "calibration and combination splits (thresholds), the test split and every OOD "
             "evaluation set",
         },
-    }
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from models.config import PixelFlowConfig
 from models.flows import PixelFlow
 from models.scores import ood_score, p_value
 from oodflow.cli import main
+from training.calibrate import read_calibration
 from training.config import apply_overrides, load_run_config
 from training.data import load_dataset
 from training.export import ExportError, check_parity, export_onnx, export_torchscript
@@ -232,6 +234,46 @@ def test_cli_errors_are_one_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(bad) in err
     assert main(["calibrate", str(tmp_path / "missing")]) == 2
+
+
+def test_calibration_json_reads_back_typed_and_a_bad_one_is_a_one_line_error(
+    quick_repository: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(quick_repository["fmnist-embedding-quick:run"], run_dir)
+    record = read_calibration(Run(run_dir))
+    manifest = verify_artifact(quick_repository["fmnist-embedding-quick"])
+    assert record.calibration_spec() == manifest.calibration
+    assert record.statistic == manifest.score.statistic and record.selection == manifest.score.selection
+    path = run_dir / "calibration.json"
+    raw = json.loads(path.read_text())
+    # the keys calibration.json had when it was written from a plain dict
+    assert set(raw) == {
+        "statistic",
+        "selection",
+        "num_dims",
+        "reference_bits_per_dim",
+        "target_fpr",
+        "validation_set",
+        "validation_size",
+        "threshold",
+        "validation_fpr",
+        "calibration_mean_bits_per_dim",
+        "reference_scores",
+        "combination_size",
+    }
+    # a record from before statistic selection and the ensemble's combination split still reads
+    older = {k: v for k, v in raw.items() if k not in ("selection", "combination_size")}
+    path.write_text(json.dumps(older))
+    assert read_calibration(Run(run_dir)).selection is None
+    path.write_text(json.dumps({**raw, "threshold": "high"}))
+    assert main(["evaluate", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration.json" in err[0] and "threshold" in err[0], err
+    path.unlink()
+    assert main(["export", str(run_dir), "--repository", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration.json missing" in err[0], err
 
 
 def test_every_dataset_spec_works_as_ood_on_an_embedding_run(

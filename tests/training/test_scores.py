@@ -246,14 +246,15 @@ def test_complexity_calibration_matches_png_of_the_images(
     import shutil
 
     shutil.copytree(run_dir, copy)
-    payload = calibrate(str(copy), device="cpu", statistic="complexity")
-    assert payload["statistic"] == "complexity" and payload["complexity"]["compress_level"] == 9
+    record = calibrate(str(copy), device="cpu", statistic="complexity")
+    assert record.statistic == "complexity" and record.complexity is not None
+    assert record.complexity.compress_level == 9
     run = Run(copy)
     images = load_splits(run.config, with_eval_sets=False).calibration.images
     with torch.no_grad():
         ll = run.load_model("cpu").log_likelihood(torch.from_numpy(images)).double().numpy()
     expected = np.sort(ll / (-D * LN2) - png_bits_per_dim(images))
-    np.testing.assert_allclose(payload["reference_scores"], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(record.reference_scores, expected, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------ ensembles
@@ -330,7 +331,7 @@ def test_build_defaults_writes_and_reuses_the_default_ensemble(
 ) -> None:
     import shutil
 
-    import training.pipeline as pipeline
+    import training.defaults as defaults
 
     runs, repo = tmp_path / "runs", tmp_path / "repo"
     names = {
@@ -340,12 +341,12 @@ def test_build_defaults_writes_and_reuses_the_default_ensemble(
     for name, preset in names.items():
         shutil.copytree(quick_repository[preset + ":run"], runs / name)
         shutil.copytree(quick_repository[preset], repo / name / "1")
-    monkeypatch.setattr(pipeline, "DEFAULT_MODELS", names)
-    path = pipeline.build_default_ensemble(repo, runs)
-    assert path is not None and path == ensemble_path(repo, pipeline.DEFAULT_ENSEMBLE)
+    monkeypatch.setattr(defaults, "DEFAULT_MODELS", names)
+    path = defaults.build_default_ensemble(repo, runs)
+    assert path is not None and path == ensemble_path(repo, defaults.DEFAULT_ENSEMBLE)
     first = path.stat().st_mtime_ns
     assert (
-        pipeline.build_default_ensemble(repo, runs) == path and path.stat().st_mtime_ns == first
+        defaults.build_default_ensemble(repo, runs) == path and path.stat().st_mtime_ns == first
     )  # up to date
     assert {(m.name, m.version) for m in load_ensemble(path).members} == {(n, 1) for n in names}
-    assert pipeline.build_default_ensemble(repo, tmp_path / "no-runs") is None
+    assert defaults.build_default_ensemble(repo, tmp_path / "no-runs") is None

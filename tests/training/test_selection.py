@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from models.artifact import verify_artifact
 from models.scores import LN2, png_bits_per_dim
-from training.calibrate import calibrate
+from training.calibrate import calibrate, read_calibration
 from training.data import ImageSet, load_dataset
 from training.runs import Run, load_splits
 from training.selection import (
@@ -113,19 +113,17 @@ def test_selection_on_a_real_run_matches_an_independent_computation(
     assert run.config.calibration.statistic == "auto"  # the preset's default
     splits = load_splits(run.config, with_eval_sets=False)
     record = select_statistic(run, splits, device="cpu")
-    assert record["by"] == "selection" and record["candidates"] == ["nll", "typicality", "complexity"]
-    assert [p["name"] for p in record["proxies"]] == [p.name for p in PROXIES]
+    assert record.by == "selection" and record.candidates == ["nll", "typicality", "complexity"]
+    assert [p["name"] for p in record.proxies] == [p.name for p in PROXIES]
     # what it used, and what it did not
     validation = splits.validation
-    assert record["data"]["fingerprint"] == validation.fingerprint() and record["data"]["size"] == len(
-        validation
-    )
+    assert record.data["fingerprint"] == validation.fingerprint() and record.data["size"] == len(validation)
     assert splits.combination is not None
     assert validation.fingerprint() not in {
         splits.calibration.fingerprint(),
         splits.combination.fingerprint(),
     }
-    assert "test split" in record["data"]["not_used"]
+    assert "test split" in record.data["not_used"]
     # every AUROC again, from the model's log-likelihoods, the PNG lengths and scikit-learn
     model = run.load_model("cpu")
     sets = {"validation": validation.images, **{k: v.images for k, v in make_proxies(validation).items()}}
@@ -144,16 +142,17 @@ def test_selection_on_a_real_run_matches_an_independent_computation(
         for proxy in (p.name for p in PROXIES):
             id_s, ood_s = per_set["validation"], per_set[proxy]
             expected = roc_auc_score(np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))], np.r_[id_s, ood_s])
-            assert record["auroc"][statistic][proxy] == pytest.approx(expected, abs=2e-3), (statistic, proxy)
-    worst = record["worst_case_auroc"]
-    assert worst == {c: min(row.values()) for c, row in record["auroc"].items()}
-    assert record["chosen"] == choose(worst)
+            assert record.auroc[statistic][proxy] == pytest.approx(expected, abs=2e-3), (statistic, proxy)
+    worst = record.worst_case_auroc
+    assert worst == {c: min(row.values()) for c, row in record.auroc.items()}
+    assert record.chosen == choose(worst)
     # the run was calibrated with it, and its manifest says so
-    calibration = run.read_json("calibration.json")
-    assert calibration["statistic"] == record["chosen"] and calibration["selection"]["by"] == "selection"
+    calibration = read_calibration(run)
+    assert calibration.statistic == record.chosen
+    assert calibration.selection is not None and calibration.selection.by == "selection"
     manifest = verify_artifact(quick_repository[PIXEL])
     assert manifest.score.selection is not None
-    assert manifest.score.selection.chosen == manifest.score.statistic == record["chosen"]
+    assert manifest.score.selection.chosen == manifest.score.statistic == record.chosen
     assert manifest.score.selection.worst_case_auroc == pytest.approx(worst)
 
 
@@ -162,10 +161,11 @@ def test_an_explicit_statistic_overrides_the_selection(
 ) -> None:
     copy = tmp_path / "run"
     shutil.copytree(quick_repository[PIXEL + ":run"], copy)
-    payload = calibrate(str(copy), device="cpu", statistic="typicality")
-    assert payload["statistic"] == "typicality"
-    assert payload["selection"]["by"] == "user" and payload["selection"]["chosen"] == "typicality"
-    assert "chosen by the user" in payload["selection"]["rule"]
+    record = calibrate(str(copy), device="cpu", statistic="typicality")
+    assert record.statistic == "typicality" and record.selection is not None
+    assert record.selection.by == "user" and record.selection.chosen == "typicality"
+    assert "chosen by the user" in record.selection.rule
+    assert read_calibration(Run(copy)) == record  # calibration.json reads back as written
     assert (copy / "scores" / "combination.npz").is_file()
 
 
@@ -183,8 +183,6 @@ def test_selection_for_an_embedding_flow(quick_repository: dict[str, Path]) -> N
     the backbone like any image."""
     run = Run(quick_repository["fmnist-embedding-quick:run"])
     record = select_statistic(run, load_splits(run.config, with_eval_sets=False), device="cpu")
-    assert record["candidates"] == ["nll", "typicality"]
-    assert set(record["auroc"]) == {"nll", "typicality"} and record["chosen"] == choose(
-        record["worst_case_auroc"]
-    )
-    assert all(0.0 <= v <= 1.0 for row in record["auroc"].values() for v in row.values())
+    assert record.candidates == ["nll", "typicality"]
+    assert set(record.auroc) == {"nll", "typicality"} and record.chosen == choose(record.worst_case_auroc)
+    assert all(0.0 <= v <= 1.0 for row in record.auroc.values() for v in row.values())
