@@ -214,10 +214,76 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+_BUILTIN_DATASETS = ("fashion-mnist:train", "fashion-mnist:test", "mnist", "sklearn-digits", "photos")
+
+
+def _builtin_inputs(inputs: list[str], output: str) -> list[str]:
+    """Built-in dataset specs among score-batch's inputs -> files it can read (issue 10 §4: every
+    dataset spec works everywhere).
+
+    The batch engines read files only (the service never imports `training`), so each built-in set
+    is written once beside the output, `<output>.datasets/<spec>.npz` (`photos`, of mixed sizes: a
+    folder of PNGs), with the same pixels `training.data.load_dataset` gives; the paths are stable,
+    so a re-run resumes. Needs the training install, which holds the loaders."""
+    wanted = [i for i in inputs if i in _BUILTIN_DATASETS]
+    if not wanted:
+        return inputs
+    try:
+        import numpy as np
+
+        from training.data import PHOTO_NAMES, load_dataset
+    except ImportError as exc:
+        raise ValueError(
+            f"input {wanted[0]} is a built-in dataset, which needs the training install "
+            f"(pip install 'oodflow[train]'; missing {exc.name}); or pass a folder or .npz file"
+        ) from None
+    folder = Path(output).with_name(Path(output).name + ".datasets")
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = []
+    for spec in inputs:
+        if spec not in _BUILTIN_DATASETS:
+            resolved.append(spec)
+            continue
+        target = folder / spec.replace(":", "-")
+        if spec == "photos":
+            if not target.is_dir():
+                _write_photos(folder / ".photos.tmp", PHOTO_NAMES)
+                (folder / ".photos.tmp").rename(target)
+        else:
+            target = target.with_suffix(".npz")
+            if not target.is_file():
+                dataset = load_dataset(spec)
+                staging = folder / f".{target.name}.tmp.npz"
+                np.savez(staging, images=dataset.images)
+                staging.rename(target)
+        resolved.append(str(target))
+    return resolved
+
+
+def _write_photos(folder: Path, names: tuple[str, ...]) -> None:
+    """scikit-image's bundled photos as PNG files, decoded as `training.data` decodes them."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from models.images import hwc_to_chw, to_uint8
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        try:
+            pixels = np.asarray(getattr(skimage.data, name)())
+        except (AttributeError, ImportError, OSError, ValueError):
+            continue  # a photo a scikit-image release moved to its download registry
+        plane = hwc_to_chw(to_uint8(pixels))
+        image = plane[0] if plane.shape[0] == 1 else plane.transpose(1, 2, 0)
+        Image.fromarray(np.ascontiguousarray(image)).save(folder / f"{name}.png")
+
+
 def _cmd_score_batch(args: argparse.Namespace) -> int:
     # Imported here: the service (FastAPI, ONNX Runtime, pyarrow) costs a second at start-up.
     from service.batch import main_score_batch
 
+    args.inputs = _builtin_inputs(list(args.inputs), args.output)
     return main_score_batch(args)
 
 

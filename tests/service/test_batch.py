@@ -448,3 +448,24 @@ def test_ensembles_resolved_and_reported_like_the_service(
     assert main([photos, "--model", GREY_MODEL, "--output", str(tmp_path / "b.csv"), *common]) == 0
     assert f"ensemble both: stale: member '{RGB_MODEL}' is not served" in capsys.readouterr().out
     assert not [r for r in _read(tmp_path / "b.csv").to_pylist() if r["model"].startswith("combined:")]
+
+
+def test_built_in_dataset_specs_are_scored_like_files(repository: Path, tmp_path: Path) -> None:
+    """`oodflow score-batch sklearn-digits photos ...` (issue 10 §4): the built-in sets are written
+    beside the output with the loader's pixels, scored, and found again by a re-run (resume)."""
+    from oodflow.cli import main as oodflow_main
+    from training.data import load_dataset
+
+    output = tmp_path / "builtin.csv"
+    argv = ["score-batch", "sklearn-digits", "photos", "--model", GREY_MODEL, "--resize"]
+    argv += ["--output", str(output), "--repository", str(repository), "--no-progress"]
+    assert oodflow_main(argv) == 0
+    table = pacsv.read_csv(output).to_pylist()
+    digits = [r for r in table if r["source"].endswith("sklearn-digits.npz")]
+    photos = [r for r in table if "/photos/" in r["source"]]
+    assert len(digits) == 1797 and not any(r["error"] for r in digits if isinstance(r["error"], str))
+    assert len(photos) == len(list((tmp_path / "builtin.csv.datasets" / "photos").glob("*.png"))) > 10
+    with np.load(tmp_path / "builtin.csv.datasets" / "sklearn-digits.npz") as saved:
+        np.testing.assert_array_equal(saved["images"], load_dataset("sklearn-digits").images)
+    assert oodflow_main(argv) == 0  # nothing left to score: same files, same keys
+    assert len(pacsv.read_csv(output).to_pylist()) == len(table)
