@@ -34,6 +34,7 @@ from service.batch.output import (
     output_format as _format,
 )
 from service.batch.scorer import BatchConfig, BatchScorer, load_registry
+from service.core import Registry, ServedEnsemble
 
 __all__ = ["Engine", "score_batch"]
 
@@ -143,6 +144,16 @@ def score_batch(
         "seconds": seconds,
         "images_per_s": pending.num_rows / seconds if pending.num_rows and seconds > 0 else None,
         "models": summarise(result),
-        "ensembles": {e.name: {"status": e.status, "reason": e.reason} for e in registry.ensembles.values()},
+        "ensembles": {e.name: _ensemble_status(e, registry) for e in registry.ensembles.values()},
         "drift": drift_tests(result, registry),
     }
+
+
+def _ensemble_status(ensemble: ServedEnsemble, registry: Registry) -> dict[str, str | None]:
+    """The service's status, except that an ensemble with members this job did not ask for is
+    `not used` (nothing is wrong with it), not `stale`."""
+    if ensemble.manifest is not None:
+        missing = [m.name for m in ensemble.manifest.members if m.name not in registry.models]
+        if missing:
+            return {"status": "not used", "reason": f"members not requested: {', '.join(missing)} (--model)"}
+    return {"status": ensemble.status, "reason": ensemble.reason}

@@ -444,9 +444,9 @@ def test_ensembles_resolved_and_reported_like_the_service(
     rows = _read(tmp_path / "a.csv").to_pylist()
     combined = [r for r in rows if r["model"] == "combined:both"]
     assert len(combined) == 20 and all(r["error"] == "" for r in combined)
-    # Without one member the valid ensemble is stale here too, with the service's reason.
+    # Without one member the valid ensemble is not used (nothing is wrong with it), and says why.
     assert main([photos, "--model", GREY_MODEL, "--output", str(tmp_path / "b.csv"), *common]) == 0
-    assert f"ensemble both: stale: member '{RGB_MODEL}' is not served" in capsys.readouterr().out
+    assert f"ensemble both: not used: members not requested: {RGB_MODEL} (--model)" in capsys.readouterr().out
     assert not [r for r in _read(tmp_path / "b.csv").to_pylist() if r["model"].startswith("combined:")]
 
 
