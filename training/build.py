@@ -635,13 +635,7 @@ def build(
             "or choose another --name"
         )
     progress_display = BuildProgress(progress, out)
-    threads = torch.get_num_threads()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if dev.type == "cpu" and threads > 1 and load >= (os.cpu_count() or 1) - 0.5:
-        # On a busy CPU torch's intra-op threads stall at every barrier (measured 10-40x slower
-        # with 2 threads than with 1 on this 2-core machine at load 13): one thread is faster.
-        torch.set_num_threads(1)
-        out(f"  busy machine (load average {load:.1f} on {os.cpu_count()} cores): one torch thread")
+    threads = torch.get_num_threads()  # `_build` may lower it on a busy machine; restored below
     try:
         with inner_progress(False):
             return _build(
@@ -687,6 +681,12 @@ def _build(
         )
     if len(set(ood)) != len(ood):
         raise BuildError("--ood names the same set twice")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if dev.type == "cpu" and torch.get_num_threads() > 1 and load >= (os.cpu_count() or 1) - 0.5:
+        # On a busy CPU torch's intra-op threads stall at every barrier (measured 10-40x slower
+        # with 2 threads than with 1 on this 2-core machine at load 13): one thread is faster.
+        torch.set_num_threads(1)
+        out(f"  busy machine (load average {load:.1f} on {os.cpu_count()} cores): one torch thread")
     choice = choose_input(survey)
     if pinned is not None:
         choice = InputChoice(
