@@ -42,6 +42,7 @@ __all__ = [
     "ImageTooLarge",
     "SizeMismatch",
     "UndecodableImage",
+    "check_shape",
     "conform",
     "conform_one",
     "hwc_to_chw",
@@ -218,7 +219,8 @@ def resize_plane(plane: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(plane).resize((width, height), Image.Resampling.BILINEAR))
 
 
-def _check_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+def check_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """`(C, H, W)` with C 1 or 3 and positive ints, as plain ints; BadImageArray otherwise."""
     if (
         not isinstance(shape, tuple | list)
         or len(shape) != 3
@@ -236,7 +238,7 @@ def conform(images: np.ndarray, shape: tuple[int, int, int], *, resize: bool = T
     without keeping the aspect ratio; without `resize` another size raises SizeMismatch. The same
     array comes back when nothing changes.
     """
-    c_out, h_out, w_out = _check_shape(shape)
+    c_out, h_out, w_out = check_shape(shape)
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] not in (1, 3):
         raise BadImageArray(
             f"expected (N, C, H, W) uint8 images with C 1 or 3, got {images.dtype} {images.shape}"

@@ -245,14 +245,10 @@ def _sample_indices(n: int, limit: int | None, seed: int) -> np.ndarray | None:
 
 
 def _check_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    if (
-        not isinstance(shape, tuple | list)
-        or len(shape) != 3
-        or not all(isinstance(d, int | np.integer) and not isinstance(d, bool) and d > 0 for d in shape)
-        or shape[0] not in (1, 3)
-    ):
-        raise DatasetError(f"shape must be (C, H, W) with C 1 or 3 and positive H, W, got {shape!r}")
-    return int(shape[0]), int(shape[1]), int(shape[2])
+    try:
+        return images_lib.check_shape(shape)
+    except images_lib.ImageError as error:
+        raise DatasetError(str(error)) from None
 
 
 def conform_images(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
