@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.scores import OodStatistic
+from models.scores import OodStatistic, combination_weights
 
 __all__ = [
     "BACKGROUND_OUTPUT",
@@ -47,6 +47,8 @@ __all__ = [
     "EnsembleManifest",
     "EnsembleMember",
     "EnsembleMetrics",
+    "EnsembleWeightSelection",
+    "SelectionImages",
     "FileEntry",
     "InputSpec",
     "Manifest",
@@ -268,14 +270,57 @@ class EnsembleMetrics(_Schema):
     member_fpr_at_95_tpr: dict[str, float] = Field(default_factory=dict)
 
 
+class SelectionImages(_Schema):
+    """The in-distribution images an ensemble's weights were chosen on, and those they were not."""
+
+    source: str = Field(
+        description="where the images come from, e.g. 'combination split of fashion-mnist:train'"
+    )
+    split: str = Field(description="which part of them chose the weights, e.g. 'selection half'")
+    size: int = Field(ge=0)
+    fingerprint: str = Field(description="sha256 of the images' shape and pixels (training.data.ImageSet)")
+    seed: int = Field(description="seed of the permutation that halved the images and of the proxies")
+    calibration_split: str = Field(description="the other half, which set the ensemble's threshold")
+    calibration_size: int = Field(ge=0)
+    calibration_fingerprint: str
+    not_used: str = Field(description="sets that played no part in the choice")
+
+
+class EnsembleWeightSelection(_Schema):
+    """How an ensemble's member `weights` were chosen (`training.ensemble.choose_weights`).
+
+    `by`: `selection` (the fixed rule over held-out in-distribution images and OOD proxies made
+    from them), `user` (`oodflow ensemble create --weights equal`, or a build asked for equal
+    weights) or `rule` (`min_p` takes no weights)."""
+
+    by: Literal["selection", "user", "rule"]
+    chosen: str = Field(description="name of the chosen candidate ('equal' or '<member> 1/2', ...)")
+    weights: list[float] = Field(description="the chosen weights, in member order")
+    rule: str
+    candidates: dict[str, list[float]] = Field(
+        default_factory=dict, description="candidate name -> weights in member order, simplest first"
+    )
+    proxies: list[dict[str, Any]] = Field(
+        default_factory=list, description="name, family, description, size of each OOD proxy"
+    )
+    auroc: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="candidate -> proxy -> AUROC of the combined score (OOD positive)"
+    )
+    worst_case_auroc: dict[str, float] = Field(default_factory=dict)
+    mean_auroc: dict[str, float] = Field(default_factory=dict)
+    images: SelectionImages | None = None
+
+
 class EnsembleManifest(_Schema):
     """A combined verdict over several served models (`<repository>/_ensembles/<name>.json`).
 
     Per image: `p_k` = each member's p-value (`models.scores.p_value` of its ood_score against its own
-    `calibration.reference_scores`); `combined_score = models.scores.combine_p_values(p, rule)`;
-    `is_ood = combined_score > calibration.threshold`; `p_value` = `models.scores.p_value` of the
-    combined score against `calibration.reference_scores`. Valid only while every member is served
-    at the listed version.
+    `calibration.reference_scores`); `combined_score = models.scores.combine_p_values(p, rule,
+    weights)`, for `fisher` `−2 Σ_k w_k ln p_k` with `w_k = weights[k]` (every `w_k = 1` when
+    `weights` is None, as in manifests written before weights existed); `is_ood = combined_score >
+    calibration.threshold`; `p_value` = `models.scores.p_value` of the combined score against
+    `calibration.reference_scores`. Valid only while every member is served at the listed version.
+    `selection` records how the weights were chosen and on which images.
     """
 
     schema_version: Literal[1] = 1
@@ -286,6 +331,11 @@ class EnsembleManifest(_Schema):
     rule: Literal["fisher", "min_p"]
     rule_definition: str
     members: list[EnsembleMember] = Field(min_length=2)
+    weights: list[float] | None = Field(
+        None,
+        description="member weights w_k of Fisher's method, in member order; None: all 1 (equal)",
+    )
+    selection: EnsembleWeightSelection | None = Field(None, description="how `weights` were chosen")
     calibration: Calibration
     calibration_images: dict[str, Any] = Field(
         default_factory=dict,
@@ -308,6 +358,17 @@ class EnsembleManifest(_Schema):
         if len({m.name for m in v}) != len(v):
             raise ValueError("ensemble members must be distinct models")
         return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> EnsembleManifest:
+        # the scoring code's own check, so a manifest that loads is one that scores
+        combination_weights(self.weights, len(self.members), self.rule)
+        return self
+
+    @property
+    def member_weights(self) -> list[float]:
+        """The weight of each member, in member order (1.0 each when `weights` is None)."""
+        return list(self.weights) if self.weights is not None else [1.0] * len(self.members)
 
 
 def ensemble_path(repository: Path, name: str) -> Path:

@@ -11,7 +11,7 @@ calibration, batch scoring and the HTTP service compute it with the same code:
 - `p_value`: p-values against the calibration reference scores;
 - `threshold_at_fpr`: the conformal threshold at a target false-positive rate;
 - `combine_p_values` / `calibrate_combination`: the combined verdict of several models (Fisher's
-  method or min-p) and its own threshold.
+  method, optionally weighted, or min-p) and its own threshold.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "complexity_canary",
     "complexity_canary_mismatch",
     "combined_verdict",
+    "combination_weights",
     "discrete_log_likelihood",
     "leave_one_out_p_values",
     "ood_score",
@@ -127,27 +128,57 @@ def leave_one_out_p_values(scores: np.ndarray) -> np.ndarray:
     return (1.0 + at_least) / max(1, ref.size)
 
 
-def combine_p_values(p_values: np.ndarray, rule: CombinationRule) -> np.ndarray:
+def combination_weights(
+    weights: Sequence[float] | np.ndarray | None, num_members: int, rule: CombinationRule
+) -> np.ndarray | None:
+    """Checked member weights as a `(K,)` float64 array, or None for equal weights.
+
+    Weights must be K finite positive numbers. They only mean something for `fisher`; `min_p`
+    takes equal weights only (any constant vector, which changes nothing), so unequal ones are a
+    ValueError. A constant vector is returned as given (for `fisher` it scales the score, which
+    changes no ranking and no verdict once the threshold is calibrated on the same weights)."""
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.shape[0] != num_members:
+        raise ValueError(f"weights must be {num_members} numbers (one per member), got shape {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"weights must be finite and positive, got {w.tolist()}")
+    if rule == "min_p" and np.any(w != w[0]):
+        raise ValueError(f"the min_p rule takes no member weights (only fisher does), got {w.tolist()}")
+    return w
+
+
+def combine_p_values(
+    p_values: np.ndarray,
+    rule: CombinationRule,
+    weights: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
     """Combine per-model p-values `(K, N)` (K models, N images) into one score per image,
     `(N,)` float64, higher = more OOD. The score is not itself a p-value: the models see the same
     image, so they are not independent, and its threshold must be calibrated on held-out
     in-distribution data like any other score.
 
-    - `fisher`: Fisher's method, `−2 Σ_k ln p_k` (chi-square with 2K degrees of freedom under
-      independence); sensitive to several moderately small p-values.
+    - `fisher`: Fisher's method, `−2 Σ_k w_k ln p_k`, with `weights` `w` (K positive numbers;
+      None: every `w_k = 1`, the classical `−2 Σ_k ln p_k`, chi-square with 2K degrees of freedom
+      under independence); sensitive to several moderately small p-values. A smaller `w_k` makes
+      member k count less: a member blind to some OOD family then dilutes the others less.
     - `min_p`: the Bonferroni-corrected minimum, `−ln min(1, K · min_k p_k)`; driven by the single
-      most confident model.
+      most confident model. Unequal weights are a ValueError (`combination_weights`).
     """
     p = np.asarray(p_values, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] < 1:
         raise ValueError(f"p_values must be (K models, N images), got shape {p.shape}")
+    if rule not in COMBINATION_RULES:
+        raise ValueError(f"unknown combination rule '{rule}', expected one of {COMBINATION_RULES}")
+    w = combination_weights(weights, p.shape[0], rule)
     if np.any(~(p > 0)) or np.any(p > 1):
         raise ValueError("p-values must lie in (0, 1]")
     if rule == "fisher":
-        return -2.0 * np.log(p).sum(axis=0)
-    if rule == "min_p":
-        return -np.log(np.minimum(1.0, p.shape[0] * p.min(axis=0)))
-    raise ValueError(f"unknown combination rule '{rule}', expected one of {COMBINATION_RULES}")
+        if w is None:
+            return -2.0 * np.log(p).sum(axis=0)
+        return -2.0 * (w[:, None] * np.log(p)).sum(axis=0)
+    return -np.log(np.minimum(1.0, p.shape[0] * p.min(axis=0)))
 
 
 def threshold_at_fpr(scores: np.ndarray, target_fpr: float) -> float:
@@ -174,7 +205,10 @@ def threshold_at_fpr(scores: np.ndarray, target_fpr: float) -> float:
 
 
 def calibrate_combination(
-    member_p_values: np.ndarray, rule: CombinationRule, target_fpr: float
+    member_p_values: np.ndarray,
+    rule: CombinationRule,
+    target_fpr: float,
+    weights: Sequence[float] | np.ndarray | None = None,
 ) -> tuple[float, np.ndarray]:
     """The combined verdict's own calibration.
 
@@ -184,7 +218,9 @@ def calibrate_combination(
     image's member p-values are exchangeable with these N columns, whatever the dependence between
     the members, and `threshold_at_fpr` of the N combined scores holds the target exactly (see
     there). Returns `(threshold, reference_sorted)`: the combined-score threshold and the N combined
-    scores, ascending, for the combined p-value (`p_value(score, reference_sorted)`).
+    scores, ascending, for the combined p-value (`p_value(score, reference_sorted)`). `weights`:
+    as in `combine_p_values`; they must not have been chosen on these N images, or the combined
+    score would be fitted on its own calibration data and the rate would no longer hold.
 
     Leave-one-out p-values of the members' own calibration images are not exchangeable with a fresh
     image's (they are ranks within the very set they are compared against): on small splits the
@@ -194,7 +230,7 @@ def calibrate_combination(
     p = np.asarray(member_p_values, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] < 1:
         raise ValueError(f"member_p_values must be (K members, N images) with N >= 1, got shape {p.shape}")
-    combined = np.sort(combine_p_values(p, rule))
+    combined = np.sort(combine_p_values(p, rule, weights))
     return threshold_at_fpr(combined, target_fpr), combined
 
 
@@ -203,14 +239,17 @@ def combined_verdict(
     rule: CombinationRule,
     threshold: float,
     reference_sorted: np.ndarray,
+    weights: Sequence[float] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The combined verdict of an ensemble (`models.artifact.EnsembleManifest`) for N images.
 
     `member_p_values`: one `(N,)` array per member, in the manifest's member order, each the
-    member's own `p_value`; `threshold` and `reference_sorted` are the ensemble's calibration.
-    Returns `(combined_score, p_value, is_ood)`, each `(N,)`.
+    member's own `p_value`; `threshold`, `reference_sorted` and `weights` (None: equal) are the
+    ensemble's calibration and member weights. Returns `(combined_score, p_value, is_ood)`, each `(N,)`.
     """
-    score = combine_p_values(np.stack([np.asarray(p, dtype=np.float64) for p in member_p_values]), rule)
+    score = combine_p_values(
+        np.stack([np.asarray(p, dtype=np.float64) for p in member_p_values]), rule, weights
+    )
     return score, p_value(score, reference_sorted), np.asarray(score > threshold, dtype=bool)
 
 

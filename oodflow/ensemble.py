@@ -17,7 +17,14 @@
    split cannot be rebuilt (an artifact exported by other means), disjointness cannot be checked:
    then `--data` is required and the manifest says the disjointness was the caller's word;
 3. the images are scored through the members' exported graphs by the core; the combined score of
-   their p-values (`--rule`, Fisher's method by default) sets the threshold at `--target-fpr`.
+   their p-values (`--rule`, Fisher's method by default) sets the threshold at `--target-fpr`;
+4. member weights (`--weights auto`, the default for Fisher; `training.ensemble`): the images are
+   halved by a fixed seeded permutation; the **selection half** and its OOD proxies
+   (`training.selection.make_proxies`) choose the weights by the rule that chooses the pixel
+   statistic (best worst-case proxy AUROC, ties within 0.01 to equal weights), and the
+   **calibration half** alone sets the threshold, so it still holds its target FPR. `--weights
+   equal` (or `--rule min_p`, or too few images to halve) keeps today's equal weights and
+   calibrates on all the images. The choice is recorded in the manifest (`weights`, `selection`).
 
 `list` reads every ensemble manifest and resolves it as the service would (`service.core`):
 `valid`, `stale` (a member missing, refused, or at another version, kind or statistic) or
@@ -27,7 +34,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +62,8 @@ class EnsembleCreateError(ValueError):
 class CalibrationData:
     images: np.ndarray  # (N, C, H, W) uint8 at the members' input shape
     description: str  # what the images are and how disjointness was established
+    labels: np.ndarray | None = None  # (N,) where known (the proxies blend images of different classes)
+    source: str = ""  # where the images come from (the split or the --data spec)
 
 
 def _image_hashes(images: np.ndarray) -> list[bytes]:
@@ -103,6 +112,7 @@ def calibration_images(
     calibrated: set[bytes] = set()
     unverified: dict[str, str] = {}
     combination = None
+    combination_labels: np.ndarray | None = None
     combination_of = ""
     datasets: dict[tuple[Any, ...], Any] = {}  # members on the same data load it once
     for manifest in manifests:
@@ -117,6 +127,7 @@ def calibration_images(
             calibrated.update(_image_hashes(part.images))
         if combination is None and splits.combination is not None:
             combination, combination_of = splits.combination.images, manifest.data.in_distribution
+            combination_labels = splits.combination.labels
     if data is None:
         if unverified:
             reason = next(iter(unverified.values()))
@@ -130,18 +141,21 @@ def calibration_images(
                 "the members' runs kept no combination split (held-out images they did not calibrate on): "
                 "pass --data SPEC with in-distribution images none of the members calibrated on"
             )
-        images, source = combination, f"combination split of {combination_of}"
+        images, labels = combination, combination_labels
+        source = f"combination split of {combination_of}"
         if limit is not None and limit < len(images):
-            chosen = np.random.default_rng(seed).choice(len(images), size=limit, replace=False)
-            images = images[np.sort(chosen)]
+            chosen = np.sort(np.random.default_rng(seed).choice(len(images), size=limit, replace=False))
+            images, labels = images[chosen], None if labels is None else labels[chosen]
     else:
         try:
-            images, source = load_dataset(data, shape=shape, limit=limit, seed=seed).images, data
+            loaded = load_dataset(data, shape=shape, limit=limit, seed=seed)
         except DatasetError as exc:
             raise EnsembleCreateError(f"--data {data}: {exc}") from None
+        images, labels, source = loaded.images, loaded.labels, data
     keep = np.asarray([h not in calibrated for h in _image_hashes(images)], dtype=bool)
     dropped = int((~keep).sum())
     images = np.ascontiguousarray(images[keep])
+    labels = None if labels is None else labels[keep]
     checked = [m.name for m in manifests if m.name not in unverified]
     notes = []
     if checked:
@@ -154,7 +168,7 @@ def calibration_images(
             f"disjointness from the calibration images of {', '.join(unverified)} not checked "
             "(their calibration split cannot be rebuilt from the manifest): the caller's --data vouches for it"
         )
-    return CalibrationData(images, f"{source}: {len(images)} images; {'; '.join(notes)}")
+    return CalibrationData(images, f"{source}: {len(images)} images; {'; '.join(notes)}", labels, source)
 
 
 def _load_members(
@@ -188,6 +202,7 @@ def create_ensemble(
     *,
     data: str | None = None,
     rule: str = "fisher",
+    weights: str = "auto",
     target_fpr: float = 0.05,
     limit: int | None = None,
     seed: int = 0,
@@ -195,53 +210,113 @@ def create_ensemble(
     force: bool = False,
     device: str = "auto",
     batch_size: int = 256,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[Path, EnsembleManifest]:
-    """Calibrate and write `<repository>/_ensembles/<name>.json`; returns its path and manifest."""
+    """Calibrate and write `<repository>/_ensembles/<name>.json`; returns its path and manifest.
+    `say`: where the one-line account of the weights goes (`training.ensemble.weights_line`)."""
     from pydantic import ValidationError
 
     from models.artifact import (
         Calibration,
         EnsembleManifest,
         EnsembleMember,
+        SelectionImages,
         ensemble_path,
         write_ensemble,
     )
     from models.scores import COMBINATION_RULES, calibrate_combination
     from service.core.ensembles import discover_ensembles, resolve_ensembles
-    from training.ensemble import RULE_DEFINITIONS
+    from training.data import ImageSet
+    from training.ensemble import (
+        SELECTION_SEED,
+        can_halve,
+        choose_weights,
+        equal_weights,
+        halve,
+        rule_definition,
+        weights_line,
+    )
 
     repository = Path(repository)
     if rule not in COMBINATION_RULES:
         raise EnsembleCreateError(f"--rule must be one of {', '.join(COMBINATION_RULES)}, got '{rule}'")
+    if weights not in ("auto", "equal"):
+        raise EnsembleCreateError(f"--weights must be auto or equal, got '{weights}'")
     if not 0.0 < target_fpr < 1.0:
         raise EnsembleCreateError(f"--target-fpr must lie in (0, 1), got {target_fpr}")
     if ensemble_path(repository, name).exists() and not force:
         raise EnsembleCreateError(f"{ensemble_path(repository, name)} exists: pass --force to replace it")
     registry, models = _load_members(repository, members, device)
     manifests = [m.manifest for m in models]
+    names = [m.name for m in manifests]
     calib = calibration_images(manifests, data, limit, seed)
     if len(calib.images) < 2:
         raise EnsembleCreateError(f"only {len(calib.images)} calibration images left ({calib.description})")
-    p = np.stack([m.score(calib.images, batch_size).p_value for m in models])  # (K, N)
+
+    def score(images: np.ndarray) -> np.ndarray:  # (K, N) member p-values through the graphs
+        return np.stack([m.score(images, batch_size).p_value for m in models])
+
+    p = score(calib.images)
+    n = len(calib.images)
+    chosen: list[float] | None = None
+    validation_set = calib.description
+    if rule != "fisher":
+        selection = equal_weights(names, "rule", f"{rule} takes no member weights")
+    elif weights == "equal":
+        selection = equal_weights(
+            names, "user", "equal weights, asked for (--weights equal); no selection on data"
+        )
+    elif not can_halve(n, target_fpr):
+        selection = equal_weights(
+            names,
+            "rule",
+            f"equal weights: {n} calibration images are too few to halve (pass more, or --weights equal)",
+        )
+    else:
+        sel_idx, cal_idx = halve(n)
+        full = ImageSet(calib.source or "calibration images", calib.images, calib.labels)
+        selection_set, calibration_set = full.subset(sel_idx), full.subset(cal_idx)
+        selection = choose_weights(
+            names,
+            selection_set,
+            score,
+            selection_p=p[:, sel_idx],
+            images=SelectionImages(
+                source=calib.source,
+                split="selection half",
+                size=len(sel_idx),
+                fingerprint=selection_set.fingerprint(),
+                seed=SELECTION_SEED,
+                calibration_split="calibration half",
+                calibration_size=len(cal_idx),
+                calibration_fingerprint=calibration_set.fingerprint(),
+                not_used="the calibration half (the ensemble's threshold), the members' calibration, training "
+                "and validation images, and every test or OOD evaluation set",
+            ),
+        )
+        chosen, p = selection.weights, p[:, cal_idx]
+        validation_set = f"calibration half ({len(cal_idx)} images) of {calib.description}"
     try:
-        threshold, reference = calibrate_combination(p, rule, target_fpr)  # type: ignore[arg-type]
+        threshold, reference = calibrate_combination(p, rule, target_fpr, chosen)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise EnsembleCreateError(f"cannot calibrate on {len(calib.images)} images: {exc}") from None
+        raise EnsembleCreateError(f"cannot calibrate on {p.shape[1]} images: {exc}") from None
     try:
         manifest = EnsembleManifest(
             name=name,
             description=description
             or f"{rule} over {', '.join(f'{m.name} v{m.version}' for m in manifests)} (oodflow ensemble create)",
             rule=rule,  # type: ignore[arg-type]
-            rule_definition=RULE_DEFINITIONS[rule],
+            rule_definition=rule_definition(rule, chosen, names),  # type: ignore[arg-type]
             members=[
                 EnsembleMember(name=m.name, version=m.version, kind=m.kind, statistic=m.score.statistic)
                 for m in manifests
             ],
+            weights=chosen,
+            selection=selection,
             calibration=Calibration(
                 target_fpr=target_fpr,
                 threshold=float(threshold),
-                validation_set=calib.description,
+                validation_set=validation_set,
                 validation_size=len(reference),
                 validation_fpr=float(np.mean(reference > threshold)),
                 reference_scores=np.asarray(reference, dtype=np.float64).tolist(),
@@ -256,6 +331,8 @@ def create_ensemble(
     if not written or written[0].status != "valid":  # the service would not use it: say so now
         reason = written[0].reason if written else "not found after writing"
         raise EnsembleCreateError(f"{path} was written but does not resolve as valid: {reason}")
+    if say is not None:
+        say(weights_line(manifest))
     return path, manifest
 
 

@@ -10,7 +10,7 @@ The same rules for every front door (HTTP `POST /v1/score`, `oodflow score-batch
   first reason found (`resolve_ensembles`);
 - a verdict comes from the first valid ensemble (by name) whose members, at their versions, were
   all scored (`select_ensemble`): per image, each member's `p_value` in manifest order goes through
-  `models.scores.combined_verdict` with the ensemble's calibration (`combine`).
+  `models.scores.combined_verdict` with the ensemble's calibration and member weights (`combine`).
 """
 
 from __future__ import annotations
@@ -141,5 +141,7 @@ def combine(ensemble: ServedEnsemble, p_values: Mapping[str, np.ndarray]) -> Com
     if ensemble.status != "valid" or manifest is None or reference is None:
         raise ValueError(f"ensemble '{ensemble.name}' is {ensemble.status}: {ensemble.reason}")
     ps = [np.asarray(p_values[m.name], dtype=np.float64) for m in manifest.members]
-    score, p, is_ood = combined_verdict(ps, manifest.rule, manifest.calibration.threshold, reference)
+    score, p, is_ood = combined_verdict(
+        ps, manifest.rule, manifest.calibration.threshold, reference, manifest.weights
+    )
     return CombinedScores(ensemble, score, p, is_ood)
