@@ -146,6 +146,7 @@ def _ensembles(
                 manifest.rule,
                 manifest.calibration.threshold,
                 reference,
+                manifest.weights,
             )
             out[key][set_name] = Scored(score, p, flags)
     return out, references

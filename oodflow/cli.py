@@ -289,6 +289,7 @@ def _cmd_score_batch(args: argparse.Namespace) -> int:
 
 def _cmd_ensemble_create(args: argparse.Namespace) -> int:
     from oodflow.ensemble import create_ensemble
+    from training.ensemble import weights_line
 
     path, manifest = create_ensemble(
         _repository(args.repository),
@@ -296,6 +297,7 @@ def _cmd_ensemble_create(args: argparse.Namespace) -> int:
         args.member,
         data=args.data,
         rule=args.rule,
+        weights=args.weights,
         target_fpr=args.target_fpr,
         limit=args.limit,
         seed=args.seed,
@@ -310,6 +312,7 @@ def _cmd_ensemble_create(args: argparse.Namespace) -> int:
         f"  threshold {cal.threshold:.4f} at target FPR {cal.target_fpr:.1%} on {cal.validation_size} "
         f"in-distribution images (observed {cal.validation_fpr:.2%}); data: {cal.validation_set}"
     )
+    print(f"  {weights_line(manifest)}")
     return 0
 
 
@@ -585,6 +588,14 @@ def build_parser() -> argparse.ArgumentParser:
         "images equal to one of a member's calibration, training or validation images are dropped",
     )
     p.add_argument("--rule", choices=["fisher", "min_p"], default="fisher", help="p-value combination rule")
+    p.add_argument(
+        "--weights",
+        choices=["auto", "equal"],
+        default="auto",
+        help="fisher member weights: auto (default) chooses them on OOD proxies of half the calibration "
+        "images, the other half sets the threshold; equal: every weight 1, all images set the threshold "
+        "(min_p: always equal)",
+    )
     p.add_argument(
         "--target-fpr", type=float, default=0.05, help="in-distribution images flagged (default 0.05)"
     )

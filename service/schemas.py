@@ -162,6 +162,7 @@ class CombinedVerdict(BaseModel):
                         {"name": "fmnist-pixel", "version": 1},
                         {"name": "fmnist-embedding", "version": 1},
                     ],
+                    "weights": [0.5, 1.0],
                     "threshold": 9.21,
                     "target_fpr": 0.05,
                     "results": [{"combined_score": 2.31, "p_value": 0.48, "is_ood": False}],
@@ -171,9 +172,12 @@ class CombinedVerdict(BaseModel):
     )
     ensemble: str
     rule: CombinationRule = Field(
-        description="fisher: -2 Σ ln p_k; min_p: -ln min(1, K·min p_k), over the members' p_values"
+        description="fisher: -2 Σ w_k ln p_k; min_p: -ln min(1, K·min p_k), over the members' p_values"
     )
     members: list[EnsembleMemberRef] = Field(description="in the order their p-values are combined")
+    weights: list[float] = Field(
+        default_factory=list, description="the members' weights w_k in member order (1 each: equal)"
+    )
     threshold: float = Field(description="calibrated on in-distribution data at target_fpr")
     target_fpr: float
     results: list[CombinedResult] = Field(description="one per input image, in input order")
@@ -195,6 +199,9 @@ class EnsembleSummary(BaseModel):
     reason: str | None = None
     rule: CombinationRule | None = None
     members: list[EnsembleMemberRef] = Field(default_factory=list)
+    weights: list[float] | None = Field(
+        None, description="fisher member weights w_k in member order (1 each: equal); null when unreadable"
+    )
     threshold: float | None = None
     target_fpr: float | None = None
     description: str = ""

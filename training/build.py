@@ -420,6 +420,9 @@ def _stage_estimates(splits: dict[str, Splits], probe: Probe, with_pixel: bool) 
         validation = len(splits["pixel"].validation)
         estimates["calibrate"] += (5 * validation + held) * pixel_s
         estimates["evaluate"] += shown * pixel_s
+        # ensemble weights: half the combination images and 4 proxies of them, through both graphs
+        weighed = 5 * (len(base.combination or ()) // 2)
+        estimates["export"] += weighed * (feature_s + pixel_s)
     return {k: v * _SAFETY for k, v in estimates.items()}
 
 
@@ -850,6 +853,8 @@ def _build(
                     staging,
                     name,
                     description=f"combined verdict of {name}-embedding and {name}-pixel (built from {data})",
+                    combination_images=splits[kinds[-1]].combination,
+                    say=lambda line: out(f"  {line}"),
                 )
             published: dict[str, Path] = {}
             for model, path in staged.items():

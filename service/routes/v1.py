@@ -110,6 +110,7 @@ def ensemble_summary(ens: ServedEnsemble) -> dict[str, Any]:
         "reason": ens.reason,
         "rule": None if m is None else m.rule,
         "members": [] if m is None else [{"name": k.name, "version": k.version} for k in m.members],
+        "weights": None if m is None else m.member_weights,
         "threshold": None if m is None else m.calibration.threshold,
         "target_fpr": None if m is None else m.calibration.target_fpr,
         "description": "" if m is None else m.description,
@@ -136,6 +137,7 @@ def combined_block(
         "ensemble": ens.name,
         "rule": manifest.rule,
         "members": [{"name": m.name, "version": m.version} for m in manifest.members],
+        "weights": manifest.member_weights,
         "threshold": manifest.calibration.threshold,
         "target_fpr": manifest.calibration.target_fpr,
         "results": [
