@@ -334,12 +334,15 @@ def _cmd_ensemble_list(args: argparse.Namespace) -> int:
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from training.benchmark import run_benchmark
+    from training.benchmark.compare import goal_lines, load_baseline
     from training.benchmark.report import write_report
 
+    # A bad baseline is a one-line error before any model is loaded or any image scored.
+    baseline = load_baseline(args.baseline) if args.baseline is not None else None
     words = [args.target]
     for flag in ("far", "near", "symmetries"):
         words += [f"--{flag} {v}" for v in getattr(args, flag) or []]
-    for flag in ("test", "output", "limit"):
+    for flag in ("test", "output", "limit", "baseline"):
         if getattr(args, flag) is not None:
             words.append(f"--{flag} {getattr(args, flag)}")
     words += [f"--seed {args.seed}", f"--resamples {args.resamples}"]
@@ -357,6 +360,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         command=command,
+        baseline=baseline,
     )
     output = Path(args.output) if args.output else Path("benchmark") / result["benchmark"]
     path = write_report(result, output)
@@ -380,6 +384,25 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             f"  {s['family']:>4s} {s['name']:>18s}: {r['auroc']:.4f} ({r['auroc_ci'][0]:.4f}-{r['auroc_ci'][1]:.4f})"
             f"  FPR@95TPR {r['fpr_at_95_tpr']:.4f}  n={s['size']}"
         )
+    if baseline is not None:
+        table = result["comparison"]["tables"][0]
+        print(
+            f"before ({result['baseline']['path']}, {result['baseline']['created_at']}: "
+            f"{table['before_score']}) -> after ({table['after_score']}), AUROC:"
+        )
+        for row in table["rows"]:
+            if row["status"] == "both":
+                overlap = {True: "intervals overlap", False: "intervals disjoint", None: "no intervals"}
+                print(
+                    f"  {row['set']:>18s}: {row['auroc_before']:.4f} -> {row['auroc_after']:.4f} "
+                    f"({row['difference']:+.4f}, {overlap[row['intervals_overlap']]})"
+                )
+            else:
+                where = "baseline" if row["status"] == "only_before" else "this run"
+                print(f"  {row['set']:>18s}: only in the {where}")
+        print(f"goal (issue 12) on {result['goal']['score']}:")
+        for line in goal_lines(result["goal"], result["goal"]["score"]):
+            print(f"  {line}")
     print(f"report: {path}")
     return 0
 
@@ -557,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seeds samples, synthetic images, jigsaw and the bootstrap"
     )
     p.add_argument("--resamples", type=int, default=500, help="bootstrap resamples (default 500)")
+    p.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="benchmark.json of an earlier run on the same in-distribution test set: the report adds "
+        "AUROC before/after per set and score, and the issue-12 goal checked on this run",
+    )
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_benchmark)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from models.artifact import Manifest
 from service.core.ensembles import ServedEnsemble, combine, resolve_ensembles
+from training.benchmark.compare import Baseline, BaselineError, check_comparable, compare, goal_findings
 from training.benchmark.graphs import (
     GraphModel,
     Target,
@@ -52,7 +53,7 @@ from training.benchmark.sets import (
 )
 from training.data import DatasetError, ImageSet, conform_images, load_dataset
 
-__all__ = ["DEFAULT_NEAR", "DEFAULT_RESAMPLES", "BenchmarkError", "run_benchmark"]
+__all__ = ["DEFAULT_NEAR", "DEFAULT_RESAMPLES", "BaselineError", "BenchmarkError", "run_benchmark"]
 
 DEFAULT_NEAR: tuple[str, ...] = tuple(NEAR_TRANSFORMS)
 DEFAULT_RESAMPLES = 500
@@ -235,6 +236,7 @@ def run_benchmark(
     device: str = "cpu",
     progress: bool = True,
     command: str = "",
+    baseline: Baseline | None = None,
 ) -> dict[str, Any]:
     """Benchmark a model or ensemble; returns the JSON-ready result (see `training.benchmark.report`).
 
@@ -242,7 +244,10 @@ def run_benchmark(
     in-distribution family); `near`: transform names (None: all of `NEAR_TRANSFORMS` that are not
     symmetries); `symmetries`: transforms of the test split that are in-distribution (None: the
     built-in dataset's known ones, e.g. `hflip` for Fashion-MNIST; `["none"]` for none).
-    Raises `DatasetError` / `BenchmarkError` with one-line messages on bad input.
+    `baseline`: an earlier run's checked `benchmark.json` (`compare.load_baseline`); it must be for
+    the same in-distribution test set (checked before any scoring), and the result then carries
+    `baseline`, `comparison` and `goal` (see `training.benchmark.compare`).
+    Raises `DatasetError` / `BenchmarkError` / `BaselineError` with one-line messages on bad input.
     """
     if limit is not None and limit < 2:
         raise BenchmarkError(f"--limit must be at least 2, got {limit}")
@@ -262,6 +267,16 @@ def run_benchmark(
         if served.status != "valid":
             raise BenchmarkError(f"ensemble '{ensemble.name}' is {served.status}: {served.reason}")
     test_set, test_how, in_spec, test_hashes = _in_distribution(members, test, limit, seed)
+    test_fingerprint = test_set.fingerprint()
+    if baseline is not None:
+        check_comparable(
+            baseline,
+            in_distribution=in_spec,
+            dataset=test_set.name,
+            size=len(test_set),
+            shape=list(test_set.shape),
+            fingerprint=test_fingerprint,
+        )
     symmetry_source = "declared with --symmetries"
     if declared is None:
         declared = list(default_symmetries(in_spec))
@@ -410,7 +425,7 @@ def run_benchmark(
                     test_scores[headline][mask], scores[benchmark_set.name][headline][mask], resamples=0
                 ).point["auroc"]
 
-    return {
+    result: dict[str, Any] = {
         "benchmark": resolved.name,
         "kind": resolved.kind,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -456,6 +471,7 @@ def run_benchmark(
             "how": test_how,
             "size": len(test_set),
             "shape": list(shape),
+            "fingerprint": test_fingerprint,
             "flagged": in_distribution,
         },
         "sets": [
@@ -476,3 +492,7 @@ def run_benchmark(
         "per_class_auroc": {"score": headline, "classes": list(class_names), "sets": per_class},
         "_arrays": {"scores": scores, "families": {s.name: s.family for s in sets}},
     }
+    if baseline is not None:
+        result.update(compare(result, baseline))
+        result["goal"] = goal_findings(result)
+    return result

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["FIGURES_DIR", "markdown", "write_report"]
+__all__ = ["FIGURES_DIR", "before_after_markdown", "markdown", "write_report"]
 
 FIGURES_DIR = Path("figures") / "benchmark"
 _METRIC_NAMES = {
@@ -140,6 +140,125 @@ def _threshold(result: dict[str, Any], key: str) -> float:
 # --------------------------------------------------------------------------- markdown
 
 
+def _pct_ci(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "–"
+    low, high = entry["flagged_ci"]
+    return f"{entry['flagged']}/{entry['size']} = {entry['flagged_fraction']:.2%} ({low:.2%}–{high:.2%})"
+
+
+def before_after_markdown(result: dict[str, Any]) -> list[str]:
+    """The `--baseline` section: which runs are compared, the goal findings, and per score a table of
+    AUROC before/after per set (from `result["comparison"]`, computed by `training.benchmark.compare`)."""
+    from training.benchmark.compare import goal_lines
+
+    base, comparison = result["baseline"], result["comparison"]
+    after_members = ", ".join(f"`{m['name']}` v{m['version']}" for m in result["members"])
+    before_members = ", ".join(f"`{m['name']}` v{m['version']}" for m in base["members"])
+
+    def what(run: dict[str, Any], members: str) -> str:
+        ensemble = run["ensemble"]
+        return (f"ensemble `{ensemble['name']}` ({ensemble['rule']}) over " if ensemble else "") + members
+
+    lines = [
+        "## Before and after",
+        "",
+        f"- **before**: `{base['path']}` (sha256 {base['sha256'][:12]}…), created {base['created_at']} by "
+        f"`{base['command'] or 'oodflow benchmark'}`, on {what(base, before_members)}; "
+        f"bootstrap {base['bootstrap'].get('resamples', '?')} resamples, seed {base['bootstrap'].get('seed', '?')}",
+        f"- **after**: this run, created {result['created_at']}, on {what(result, after_members)}; "
+        f"bootstrap {result['bootstrap']['resamples']} resamples, seed {result['bootstrap']['seed']}",
+        f"- both on the in-distribution test set {base['in_distribution_test']['dataset']} "
+        f"({base['in_distribution_test']['size']} images); difference = after − before; "
+        '"intervals overlap" compares the two 95% bootstrap intervals (overlapping intervals do not '
+        "show a change; disjoint ones suggest one, without a paired test)",
+        "",
+    ]
+    goal = result["goal"]
+    lines += [
+        f"### Goal (issue 12), computed from this run's figures for {_label(result, goal['score'])}",
+        "",
+        f"Near-OOD sets that are not declared symmetries: AUROC ≥ {goal['near_auroc']}; far-OOD sets: "
+        f"AUROC ≥ {goal['far_auroc']}; in-distribution test images: the flagged fraction's 95% interval "
+        "contains the target FPR.",
+        "",
+    ]
+    lines += [f"- {line}" for line in goal_lines(goal, _label(result, goal["score"]))]
+    lines.append("")
+    for kind, key in (("in the baseline only", "sets_only_before"), ("in this run only", "sets_only_after")):
+        if comparison[key]:
+            lines.append(
+                f"Sets {kind}: " + ", ".join(f"{s['name']} ({s['family']})" for s in comparison[key]) + "."
+            )
+    for change in comparison["family_changed"]:
+        lines.append(
+            f"Set {change['name']} was {change['before']} in the baseline, is {change['after']} here."
+        )
+    for kind, key in (
+        ("in the baseline only", "scores_only_before"),
+        ("in this run only", "scores_only_after"),
+    ):
+        if comparison[key]:
+            lines.append(f"Scores {kind}: " + ", ".join(f"`{k}`" for k in comparison[key]) + ".")
+    if lines[-1] != "":
+        lines.append("")
+
+    for table in comparison["tables"]:
+        b_key, a_key = table["before_score"], table["after_score"]
+        title = (
+            _label(result, a_key)
+            if b_key == a_key
+            else f"headline: `{b_key}` before, {_label(result, a_key)} after"
+        )
+        lines += [
+            f"### AUROC before → after: {title}",
+            "",
+            "| family | set | AUROC before (95% CI) | AUROC after (95% CI) | difference | intervals overlap |",
+            "|---|---|---|---|---:|---|",
+        ]
+        for r in table["rows"]:
+            family = r["family_after"] or r["family_before"]
+            if r["family_before"] and r["family_after"] and r["family_before"] != r["family_after"]:
+                family = f"{r['family_before']} → {r['family_after']}"
+            if r["status"] == "both":
+                overlap = {True: "yes", False: "**no**", None: "n/a (no bootstrap)"}[r["intervals_overlap"]]
+                cells = [
+                    _ci(r["auroc_before"], r["auroc_before_ci"]),
+                    _ci(r["auroc_after"], r["auroc_after_ci"]),
+                    f"{r['difference']:+.3f}",
+                    overlap,
+                ]
+            elif r["status"] == "only_before":
+                why = "a declared symmetry here" if r["family_after"] == "symmetry" else "not in this run"
+                cells = [_ci(r["auroc_before"], r["auroc_before_ci"]), why, "–", "–"]
+            else:
+                why = (
+                    "a declared symmetry there" if r["family_before"] == "symmetry" else "not in the baseline"
+                )
+                cells = [why, _ci(r["auroc_after"], r["auroc_after_ci"]), "–", "–"]
+            lines.append(f"| {family} | {r['set']} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    if comparison["false_positives"]:
+        lines += [
+            "### Flagged at the threshold before → after (in-distribution test images, declared symmetries)",
+            "",
+            "| score | set | before: flagged (95% Clopper-Pearson) | after: flagged (95% Clopper-Pearson) | target FPR |",
+            "|---|---|---|---|---:|",
+        ]
+        for e in comparison["false_positives"]:
+            target = (e["after"] or e["before"] or {}).get("target_fpr")
+            score = _label(result, e["after_score"])
+            if e["before_score"] != e["after_score"]:
+                score = f"`{e['before_score']}` → {score}"
+            lines.append(
+                f"| {score} | {e['set']} | {_pct_ci(e['before'])} | {_pct_ci(e['after'])} "
+                f"| {'–' if target is None else f'{target:.1%}'} |"
+            )
+        lines.append("")
+    return lines
+
+
 def markdown(result: dict[str, Any], figures: list[tuple[str, str]], figures_prefix: str) -> str:
     headline = result["headline"]
     idt = result["in_distribution_test"]
@@ -190,6 +309,8 @@ def markdown(result: dict[str, Any], figures: list[tuple[str, str]], figures_pre
             "No member records a statistic selection (`score.selection`): no family was used as a proxy.",
             "",
         ]
+    if "comparison" in result:
+        lines += before_after_markdown(result)
     sets = result["sets"]
     rows = {(r["set"], r["score"]): r for r in result["results"]}
     keys = result["scores"]
