@@ -339,6 +339,13 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     # A bad baseline is a one-line error before any model is loaded or any image scored.
     baseline = load_baseline(args.baseline) if args.baseline is not None else None
+    if baseline is not None and args.output is not None:
+        written = Path(args.output) / "benchmark.json"
+        if written.exists() and written.resolve() == Path(args.baseline).resolve():
+            raise ValueError(
+                f"baseline {args.baseline} is the file this run writes (--output {args.output}); "
+                "copy it elsewhere first, so the report's 'before' stays readable"
+            )
     words = [args.target]
     for flag in ("far", "near", "symmetries"):
         words += [f"--{flag} {v}" for v in getattr(args, flag) or []]
@@ -398,8 +405,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
                     f"({row['difference']:+.4f}, {overlap[row['intervals_overlap']]})"
                 )
             else:
-                where = "baseline" if row["status"] == "only_before" else "this run"
-                print(f"  {row['set']:>18s}: only in the {where}")
+                where = "the baseline" if row["status"] == "only_before" else "this run"
+                print(f"  {row['set']:>18s}: only in {where}")
         print(f"goal (issue 12) on {result['goal']['score']}:")
         for line in goal_lines(result["goal"], result["goal"]["score"]):
             print(f"  {line}")

@@ -309,6 +309,14 @@ def test_bad_baselines_are_one_line_errors_before_any_scoring(
             and "Traceback" not in err
         )
         assert not output.exists() and not scored, path
+    # The baseline may not be the file this run overwrites (the "before" would be lost).
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / "benchmark.json").write_text(runs["before_path"].read_text())
+    rc = _benchmark(runs["repository"], PIXEL, same, "--baseline", str(same / "benchmark.json"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "is the file this run writes" in err and len(err.splitlines()) == 1
+    assert (same / "benchmark.json").read_text() == runs["before_path"].read_text() and not scored
     # The file is checked before the target: a bad baseline is the error even for an unknown model.
     rc = main(
         ["benchmark", "no-such-model", "--baseline", cases[0][0], "--repository", str(runs["repository"])]
