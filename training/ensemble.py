@@ -237,11 +237,20 @@ def weights_line(ensemble: EnsembleManifest) -> str:
         why = "" if sel is None else f" ({sel.rule})"
         return f"weights: {named}{why}; threshold on {cal.validation_size} images"
     worst = sel.worst_case_auroc
+    on = (
+        f"on {len(sel.proxies)} OOD proxies of the {sel.images.size} {sel.images.split} images of "
+        f"{sel.images.source}); threshold on the other {sel.images.calibration_size} "
+        f"({sel.images.calibration_split})"
+    )
+    if sel.chosen == "equal":
+        best = max(worst, key=lambda c: worst[c])
+        return (
+            f"weights: {named} (equal: worst-case proxy AUROC {worst['equal']:.4f}, the best candidate "
+            f"'{best}' {worst[best]:.4f} is within {TIE_TOLERANCE}; {on}"
+        )
     return (
         f"weights: {named} ('{sel.chosen}': worst-case proxy AUROC {worst[sel.chosen]:.4f} vs "
-        f"{worst['equal']:.4f} for equal weights, on {len(sel.proxies)} OOD proxies of the "
-        f"{sel.images.size} {sel.images.split} images of {sel.images.source}); threshold on the other "
-        f"{sel.images.calibration_size} ({sel.images.calibration_split})"
+        f"{worst['equal']:.4f} for equal weights, {on}"
     )
 
 

@@ -17,6 +17,7 @@ from service.core import load_model
 from tests.service.helpers import GREY_MODEL, RGB_MODEL, copy_artifact
 from training.config import load_run_config
 from training.data import load_dataset
+from training.ensemble import halve
 from training.pipeline import build_run
 from training.runs import load_splits
 
@@ -43,15 +44,29 @@ def test_create_calibrates_on_the_combination_split_through_the_graphs(
     assert [(m.name, m.version) for m in ens.members] == [("quick-a", 1), ("quick-b", 1)]
     assert "combination split of fashion-mnist:train" in ens.calibration.validation_set
     assert "0 equal images dropped" in ens.calibration.validation_set  # disjoint by construction
-    # Recompute: the members' combination images, scored through the exported graphs.
+    # Recompute: the members' combination images, scored through the exported graphs; by default
+    # (--weights auto) one half chose the weights, the other half alone sets the threshold.
     manifests = [load_manifest(quick / n / "1") for n in ("quick-a", "quick-b")]
     data = calibration_images(manifests, None, None, 0)
     models = [load_model(quick / n / "1", device="cpu") for n in ("quick-a", "quick-b")]
     p = np.stack([m.score(data.images).p_value for m in models])
-    threshold, reference = calibrate_combination(p, "fisher", 0.05)
+    selection_half, calibration_half = halve(len(data.images))
+    assert ens.selection is not None and ens.selection.by == "selection" and ens.weights is not None
+    assert ens.selection.images is not None and ens.selection.images.size == len(selection_half)
+    threshold, reference = calibrate_combination(p[:, calibration_half], "fisher", 0.05, ens.weights)
     assert ens.calibration.threshold == pytest.approx(threshold)
     assert ens.calibration.reference_scores == pytest.approx(reference.tolist())
-    assert ens.calibration.validation_size == len(data.images) > 0
+    assert ens.calibration.validation_size == len(calibration_half) > 0
+    # --weights equal: today's ensemble, every weight 1, every combination image sets the threshold
+    assert main(["ensemble", "create", "ab-equal", "--member", "quick-a", "--member", "quick-b",
+                 "--repository", str(quick), "--device", "cpu", "--weights", "equal"]) == 0  # fmt: skip
+    assert "weights: quick-a 1, quick-b 1 (equal weights, asked for" in capsys.readouterr().out
+    equal = load_ensemble(ensemble_path(quick, "ab-equal"))
+    assert equal.weights is None and equal.selection is not None and equal.selection.by == "user"
+    threshold, reference = calibrate_combination(p, "fisher", 0.05)
+    assert equal.calibration.threshold == pytest.approx(threshold)
+    assert equal.calibration.reference_scores == pytest.approx(reference.tolist())
+    assert equal.calibration.validation_size == len(data.images)
     # The calibration images are none of the members' calibration or training images (splits of
     # the run config, rebuilt here independently of the manifests).
     config = load_run_config("fmnist-pixel-realnvp-quick", ["train.max_steps=10", "name=quick-a"])
@@ -99,7 +114,10 @@ def test_members_without_a_rebuildable_split_need_data(
     assert "pass --data" in err and "grey-a" in err and "Traceback" not in err
     assert main([*base, "--data", "fashion-mnist:test", "--limit", "200"]) == 0
     ens = load_ensemble(ensemble_path(repository, "g"))
-    assert "not checked" in ens.calibration.validation_set and ens.calibration.validation_size == 200
+    # 200 images: 100 choose the weights (on proxies of them), the other 100 set the threshold
+    assert "not checked" in ens.calibration.validation_set and ens.calibration.validation_size == 100
+    assert ens.selection is not None and ens.selection.images is not None
+    assert ens.selection.images.source == "fashion-mnist:test" and ens.selection.images.size == 100
     assert [m.statistic for m in ens.members] == ["nll", "complexity"]
     # Another input spec: refused with both specs named.
     assert main(["ensemble", "create", "x", "--member", "grey-a", "--member", "colour",

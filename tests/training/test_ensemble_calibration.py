@@ -30,7 +30,7 @@ from models.scores import (
 )
 from training.config import load_run_config
 from training.data import load_dataset
-from training.ensemble import build_ensemble, combine_members
+from training.ensemble import build_ensemble, combine_members, halve
 from training.pipeline import build_run
 from training.runs import load_splits
 
@@ -230,15 +230,19 @@ def test_realised_fpr_on_held_out_images_for_members_and_ensemble(
         (calibrated_pair[p + ":run"], calibrated_pair[p])
         for p in ("fmnist-pixel-realnvp-quick", "fmnist-embedding-quick")
     ]
-    _, ensemble = build_ensemble(members, tmp_path, "pair")
+    _, ensemble = build_ensemble(members, tmp_path, "pair", device="cpu")
     splits = load_splits(load_run_config("fmnist-pixel-realnvp-quick", _OVERRIDES), with_eval_sets=False)
     assert splits.combination is not None
     n_cal, n_comb = len(splits.calibration), len(splits.combination)
     assert (n_cal, n_comb) == (600, 600)
+    # the combination images are halved: 300 choose the member weights, the other 300 set the threshold
+    _, calibration_half = halve(n_comb)
+    n_comb = len(calibration_half)
     record = ensemble.calibration_images
-    assert record["size"] == n_comb == ensemble.calibration.validation_size
-    assert record["fingerprint"] == splits.combination.fingerprint()
+    assert record["size"] == n_comb == ensemble.calibration.validation_size == 300
+    assert record["fingerprint"] == splits.combination.subset(calibration_half).fingerprint()
     assert set(record["disjoint_from_member_calibration"].values()) == {splits.calibration.fingerprint()}
+    print(f"ensemble weights: {ensemble.member_weights} ({ensemble.selection and ensemble.selection.chosen})")
 
     fresh = _fresh_images()
     manifests = [verify_artifact(a) for _, a in members]
@@ -256,7 +260,11 @@ def test_realised_fpr_on_held_out_images_for_members_and_ensemble(
         assert abs(rate - ALPHA) < 3 * error, (manifest.name, rate)
         p.append(p_value(scores, reference))
     _, _, is_ood = combined_verdict(
-        p, ensemble.rule, ensemble.calibration.threshold, np.asarray(ensemble.calibration.reference_scores)
+        p,
+        ensemble.rule,
+        ensemble.calibration.threshold,
+        np.asarray(ensemble.calibration.reference_scores),
+        ensemble.weights,
     )
     rate = float(np.mean(is_ood))
     error = math.sqrt(ALPHA * (1 - ALPHA) * (1 / n_comb + 1 / _FRESH))

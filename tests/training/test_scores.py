@@ -270,9 +270,12 @@ def test_ensemble_of_the_quick_models(quick_repository: dict[str, Path], tmp_pat
     loaded = load_ensemble(path)
     assert loaded == ensemble
     assert [m.name for m in loaded.members] == ["fmnist-pixel-quick", "fmnist-embedding-quick"]
-    # the quick presets hold out 256 images: 128 calibrate the members, the other 128 the ensemble
-    assert loaded.calibration.validation_size == 128 == loaded.calibration_images["size"]
-    assert loaded.calibration_images["split"] == "combination"
+    # the quick presets hold out 256 images: 128 calibrate the members, the other 128 the ensemble,
+    # halved: 64 choose its member weights, 64 set its threshold
+    assert loaded.calibration.validation_size == 64 == loaded.calibration_images["size"]
+    assert loaded.calibration_images["split"] == "combination (calibration half)"
+    assert loaded.selection is not None and loaded.selection.images is not None
+    assert loaded.selection.images.size == 64 and loaded.weights == loaded.selection.weights
     assert (
         loaded.calibration_images["fingerprint"]
         not in loaded.calibration_images["disjoint_from_member_calibration"].values()
@@ -292,7 +295,11 @@ def test_ensemble_of_the_quick_models(quick_repository: dict[str, Path], tmp_pat
         for (run, _), m in zip(members, manifests, strict=True)
     ]
     _, combined_p, is_ood = combined_verdict(
-        p, loaded.rule, loaded.calibration.threshold, np.array(loaded.calibration.reference_scores)
+        p,
+        loaded.rule,
+        loaded.calibration.threshold,
+        np.array(loaded.calibration.reference_scores),
+        loaded.weights,
     )
     assert float(np.mean(is_ood)) == pytest.approx(loaded.in_distribution_test["flagged_fraction"])
     assert np.all((combined_p > 0) & (combined_p <= 1))
