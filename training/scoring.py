@@ -65,12 +65,14 @@ def _batched(
 def cached_features(
     model: EmbeddingFlow, dataset: ImageSet, cache_dir: Path | None, key: str, batch_size: int = 256
 ) -> np.ndarray:
-    """Raw backbone features `(N, 1280)` float32, cached on disk by split name and fingerprint."""
+    """Raw backbone features `(N, backbone_features)` float32, cached on disk by split name,
+    fingerprint, resolution and feature kind."""
     device = next(model.parameters()).device
     path = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tag = f"{cache_file_tag(key)}-{dataset.fingerprint()[:16]}-r{model.config.resolution}"
+        kind = "" if model.config.features == "pooled" else f"-{model.config.features}"
+        tag = f"{cache_file_tag(key)}-{dataset.fingerprint()[:16]}-r{model.config.resolution}{kind}"
         path = cache_dir / f"{tag}.npy"
         if path.is_file():
             return np.load(path)

@@ -26,6 +26,7 @@ from models.flows import EmbeddingFlow, PixelFlow, build_model
 from models.layers import ActNorm, initialize_actnorm
 from models.scores import bits_per_dim, discrete_log_likelihood
 from training.config import RunConfig
+from training.data import ImageSet
 from training.runs import Run, Splits, load_splits, resolve_device
 from training.scoring import cached_features
 
@@ -275,6 +276,25 @@ class _PixelTrainer(_Trainer):
         return float(torch.cat(bpd).mean())
 
 
+def symmetric_images(dataset: ImageSet, name: str) -> ImageSet:
+    """`dataset` under the declared symmetry `name` (a benchmark near-OOD transform), same order.
+
+    Raises:
+        ValueError: `name` is not a known transform, or it changes the image shape (a quarter turn
+            of non-square images cannot be a symmetry of a model with one input shape).
+    """
+    from training.benchmark.sets import NEAR_TRANSFORMS
+
+    if name not in NEAR_TRANSFORMS:
+        raise ValueError(f"unknown symmetry {name!r}: expected one of {', '.join(NEAR_TRANSFORMS)}")
+    images = np.ascontiguousarray(NEAR_TRANSFORMS[name][1](dataset.images, 0))
+    if images.shape != dataset.images.shape:
+        raise ValueError(
+            f"symmetry {name} changes the image shape {dataset.images.shape[1:]}: not a symmetry"
+        )
+    return ImageSet(f"{dataset.name}-{name}", images, dataset.labels, f"{name} of {dataset.source}")
+
+
 class _EmbeddingTrainer(_Trainer):
     """Trains the vector flow on cached backbone features; the projection is fitted first.
     Model selection keeps the step with the best held-out validation NLL, step 0 included
@@ -285,7 +305,10 @@ class _EmbeddingTrainer(_Trainer):
     def __init__(self, run: Run, model: EmbeddingFlow, splits: Splits, device: torch.device):
         super().__init__(run, model, splits, device)
         cache = run.dir / "features"
-        self.train_features = torch.from_numpy(cached_features(model, splits.train, cache, "train"))
+        train = [cached_features(model, splits.train, cache, "train")]
+        for name in run.config.data.symmetries:
+            train.append(cached_features(model, symmetric_images(splits.train, name), cache, f"train-{name}"))
+        self.train_features = torch.from_numpy(np.concatenate(train))
         self.val_features = torch.from_numpy(cached_features(model, splits.validation, cache, "validation"))
 
     def prepare(self) -> None:

@@ -25,6 +25,7 @@ from models.backbones import (
     load_efficientnet_lite0_state_dict,
     preprocess_images,
 )
+from models.config import SPATIAL_STAGES, THUMBNAIL_SIDE, spatial_feature_width
 
 # ImageNet classes 281-285: tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat.
 DOMESTIC_CATS = range(281, 286)
@@ -241,3 +242,87 @@ def test_torchscript_trace_matches_eager(features: EfficientNetLite0Features, ph
         expected = features(photos)
         for batch in (1, 3):
             torch.testing.assert_close(loaded(photos[:batch]), expected[:batch], rtol=1e-5, atol=1e-5)
+
+
+# --- spatial features ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spatial() -> EfficientNetLite0Features:
+    return EfficientNetLite0Features(resolution=64, kind="spatial")
+
+
+def _blocks(x: Tensor, resolution: int = 64) -> list[Tensor]:
+    """Split a spatial feature vector into its stage-5, stage-4 and thumbnail blocks."""
+    widths = [c * (resolution // stride) ** 2 for _, c, stride in SPATIAL_STAGES] + [3 * THUMBNAIL_SIDE**2]
+    return list(torch.split(x, widths, dim=1))
+
+
+def test_spatial_width_and_unit_blocks(spatial: EfficientNetLite0Features, photos: Tensor) -> None:
+    with torch.inference_mode():
+        x = spatial(photos)
+    assert x.shape == (3, spatial_feature_width(64)) == (3, 192 * 4 + 112 * 16 + 3 * 64)
+    assert spatial.out_features == x.shape[1]
+    for block in _blocks(x):
+        torch.testing.assert_close(block.norm(dim=1), torch.ones(3), rtol=1e-5, atol=1e-5)
+
+
+def test_spatial_maps_are_the_trunks_own_stage_outputs(
+    spatial: EfficientNetLite0Features, photos: Tensor
+) -> None:
+    # The stage maps a full classifier forward pass computes on the way to its logits (forward
+    # hooks on an independently loaded model), flattened and L2-normalised.
+    classifier = load_efficientnet_lite0_classifier()
+    seen: dict[int, Tensor] = {}
+    for stage, _, _ in SPATIAL_STAGES:
+        classifier.blocks[stage].register_forward_hook(
+            lambda m, i, o, stage=stage: seen.__setitem__(stage, o)
+        )
+    with torch.inference_mode():
+        classifier(preprocess_images(photos, 64))
+        blocks = _blocks(spatial(photos))
+    for got, (stage, channels, stride) in zip(blocks, SPATIAL_STAGES, strict=False):
+        want = seen[stage].flatten(1)
+        assert want.shape[1] == channels * (64 // stride) ** 2
+        torch.testing.assert_close(got, want / want.norm(dim=1, keepdim=True), rtol=1e-4, atol=1e-5)
+
+
+def test_spatial_thumbnail_is_the_input_averaged_over_8x8_cells(spatial: EfficientNetLite0Features) -> None:
+    image = torch.zeros(1, 1, 64, 64)
+    image[..., :8, :8] = 255.0  # one white cell in the top-left corner, the rest black
+    with torch.inference_mode():
+        thumbnail = _blocks(spatial(image))[2].reshape(3, 8, 8)
+    expected = torch.zeros(3, 8, 8)
+    expected[:, 0, 0] = 1 / 3**0.5  # three equal channels, unit norm
+    torch.testing.assert_close(thumbnail, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_spatial_thumbnail_turns_with_the_image(spatial: EfficientNetLite0Features, photos: Tensor) -> None:
+    # The block that carries the layout turns with the image: the thumbnail of the flipped image is
+    # the flipped thumbnail (global average pooling, by contrast, is flip-invariant by construction).
+    square = F.interpolate(photos, size=(64, 64), mode="bilinear", antialias=True)
+    with torch.inference_mode():
+        upright = _blocks(spatial(square))[2].reshape(3, 3, 8, 8)
+        flipped = _blocks(spatial(torch.flip(square, dims=(2,))))[2].reshape(3, 3, 8, 8)
+    torch.testing.assert_close(flipped, torch.flip(upright, dims=(2,)), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(flipped, upright, atol=1e-2)
+
+
+def test_spatial_needs_a_multiple_of_32() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        EfficientNetLite0Features(resolution=48, kind="spatial")
+    with pytest.raises(ValueError, match="unknown feature kind"):
+        EfficientNetLite0Features(resolution=64, kind="nonsense")  # type: ignore[arg-type]
+
+
+def test_spatial_onnx_export_matches_eager(
+    spatial: EfficientNetLite0Features, photos: Tensor, tmp_path: Path
+) -> None:
+    path = tmp_path / "spatial.onnx"
+    _export_onnx(spatial, photos[:2], path, "dynamo")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = spatial(photos)
+    for batch in (1, 3):
+        (actual,) = session.run(["features"], {"images": photos[:batch].numpy()})
+        _assert_close_rel(actual, expected[:batch])
