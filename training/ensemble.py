@@ -481,7 +481,7 @@ def build_ensemble(
             )
         )
     reference = combined.combination
-    half = " (calibration half)" if chosen is not None else ""
+    half = ": its calibration half" if chosen is not None else ""
     ensemble = EnsembleManifest(
         name=name,
         description=description or f"combined verdict of {', '.join(m.name for m in manifests)}",
