@@ -147,6 +147,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.no_progress,
         profile=args.profile,
+        symmetries=args.symmetry,
     )
     return 0
 
@@ -490,6 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_build_args(p, "8")
     p.add_argument("--no-pixel", action="store_true", help="only the embedding flow (no ensemble)")
+    p.add_argument(
+        "--symmetry",
+        action="append",
+        default=[],
+        metavar="T",
+        help="a transform that keeps your images in-distribution (hflip, vflip, rot90, rot180, rot270, "
+        "transpose, invert, jigsaw; repeatable or comma-separated): the embedding flow trains on it and "
+        "the benchmark reports it as a false-positive check. Default: none",
+    )
     # Tiny models for tests and smoke runs: the same code path, smaller configs.
     p.add_argument("--profile", choices=["default", "tiny"], default="default", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_build)
@@ -499,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="`oodflow build` on Fashion-MNIST: fmnist-pixel, fmnist-embedding, ensemble fmnist (test "
         "fashion-mnist:test, OOD mnist); skips them when already built",
     )
-    _add_build_args(p, "14")
+    _add_build_args(p, "10")
     p.set_defaults(func=_cmd_build_defaults)
 
     p = sub.add_parser(

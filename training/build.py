@@ -87,6 +87,9 @@ MIN_IMAGES = 200
 MAX_SIDE = 32
 MIN_SIDE = 8
 MIN_PIXEL_STEPS = 300
+# The embedding flow's steps (cosine schedule); --minutes may stop it earlier, the best validation
+# step is kept either way.
+EMBEDDING_STEPS = 2000
 MAX_PIXEL_STEPS = 4000
 DEFAULT_MINUTES = 8.0
 Profile = Literal["default", "tiny"]
@@ -265,16 +268,34 @@ def _pixel_model(shape: tuple[int, int, int], profile: Profile) -> PixelFlowConf
 def _embedding_model(shape: tuple[int, int, int], n_train: int, profile: Profile) -> EmbeddingFlowConfig:
     if profile == "tiny":
         return EmbeddingFlowConfig(
-            input_shape=shape, resolution=32, projection_dim=16, hidden=32, num_couplings=2
+            input_shape=shape,
+            resolution=32,
+            features="spatial",
+            projection_dim=16,
+            hidden=32,
+            num_couplings=2,
         )
     # preset fmnist-embedding, its projection shrunk on small data (whitening needs samples)
     return EmbeddingFlowConfig(
         input_shape=shape,
-        projection_dim=int(min(256, max(8, n_train // 8))),
-        hidden=256,
-        depth=1,
-        num_couplings=4,
+        features="spatial",
+        projection_dim=int(min(64, max(8, n_train // 8))),
+        hidden=512,
+        depth=2,
+        num_couplings=8,
     )
+
+
+def _check_symmetries(symmetries: Sequence[str]) -> tuple[str, ...]:
+    from training.benchmark.sets import NEAR_TRANSFORMS
+
+    names = tuple(dict.fromkeys(t.strip() for item in symmetries for t in item.split(",") if t.strip()))
+    unknown = [t for t in names if t not in NEAR_TRANSFORMS]
+    if unknown:
+        raise BuildError(
+            f"--symmetry {', '.join(unknown)}: unknown transform; expected one of {', '.join(NEAR_TRANSFORMS)}"
+        )
+    return names
 
 
 def _calibration_size(n: int) -> int:
@@ -282,7 +303,13 @@ def _calibration_size(n: int) -> int:
 
 
 def _data_config(
-    spec: str, test: str | None, ood: Sequence[str], n: int, profile: Profile, train_limit: int | None
+    spec: str,
+    test: str | None,
+    ood: Sequence[str],
+    n: int,
+    profile: Profile,
+    train_limit: int | None,
+    symmetries: Sequence[str] = (),
 ) -> DataConfig:
     tiny = profile == "tiny"
     return DataConfig(
@@ -293,6 +320,7 @@ def _data_config(
         calibration_size=_calibration_size(n),
         test_limit=200 if tiny else 10000,
         ood_limit=200 if tiny else 5000,
+        symmetries=list(symmetries),
         seed=0,
     )
 
@@ -306,6 +334,7 @@ def _configs(
     shape: tuple[int, int, int],
     profile: Profile,
     pixel_steps: int,
+    symmetries: Sequence[str] = (),
 ) -> tuple[RunConfig, RunConfig]:
     n = survey.count
     tiny = profile == "tiny"
@@ -314,14 +343,16 @@ def _configs(
         name=f"{name}-embedding",
         description=f"Flow on L2-normalised, whitened EfficientNet-Lite0 features of {spec}",
         model=_embedding_model(shape, n_train, profile),
-        data=_data_config(spec, test, ood, n, profile, train_limit=None if tiny else 20000),
+        # the declared symmetries augment the embedding flow's training features only: the pixel
+        # flow's statistics are local and the calibration splits must stay the data as it comes
+        data=_data_config(spec, test, ood, n, profile, None if tiny else 20000, symmetries),
         train=TrainConfig(
             batch_size=int(min(64 if tiny else 256, max(8, n_train // 4))),
-            lr=1e-3 if tiny else 1e-4,
+            lr=1e-3,
             weight_decay=0.0 if tiny else 1e-4,
-            max_steps=30 if tiny else 1200,
-            warmup_steps=0,
-            schedule="constant",
+            max_steps=30 if tiny else EMBEDDING_STEPS,
+            warmup_steps=0 if tiny else 100,
+            schedule="constant" if tiny else "cosine",
             eval_every=10 if tiny else 100,
             validation_size=64 if tiny else 2000,
             checkpoint_every=10 if tiny else 500,
@@ -398,7 +429,9 @@ def _probe(pixel: RunConfig | None, embedding: RunConfig, device: torch.device) 
 _SAFETY = 1.4
 
 
-def _stage_estimates(splits: dict[str, Splits], probe: Probe, with_pixel: bool) -> dict[str, float]:
+def _stage_estimates(
+    splits: dict[str, Splits], probe: Probe, with_pixel: bool, symmetries: Sequence[str] = ()
+) -> dict[str, float]:
     """Seconds of the stages whose work is fixed by the data (everything but the training steps).
 
     Embedding features: train + validation in its training stage, the calibration halves in
@@ -411,7 +444,7 @@ def _stage_estimates(splits: dict[str, Splits], probe: Probe, with_pixel: bool) 
     shown = len(base.test or ()) + sum(len(d) for d in base.ood.values())
     kinds = 2 if with_pixel else 1
     estimates = {
-        "embedding features": (len(base.train) + len(base.validation)) * feature_s,
+        "embedding features": (len(base.train) * (1 + len(symmetries)) + len(base.validation)) * feature_s,
         "calibrate": 3.0 + held * feature_s,
         "evaluate": _REPORT_SECONDS * kinds + shown * feature_s,
         "export": _EXPORT_SECONDS["embedding"] + (_EXPORT_SECONDS["pixel"] if with_pixel else 0.0),
@@ -603,6 +636,7 @@ def build(
     profile: Profile = "default",
     skip_built: bool = False,
     shape: tuple[int, int, int] | None = None,
+    symmetries: Sequence[str] = (),
     out: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Build `<name>-embedding`, `<name>-pixel` and the ensemble `<name>` from dataset spec `data`.
@@ -610,14 +644,18 @@ def build(
     `skip_built`: return at once when the repository already holds verified models and an
     up-to-date ensemble of that name (`build-defaults`); otherwise an existing model name is an
     error unless `force` (then new versions are added). `shape`: pin the input spec `(C, H, W)`
-    instead of choosing it (the default models keep Fashion-MNIST's 1x28x28 whatever the budget). Raises `BuildError` (one line) for bad
-    input before anything is trained or written to the repository.
+    instead of choosing it (the default models keep Fashion-MNIST's 1x28x28 whatever the budget).
+    `symmetries`: transforms (`training.benchmark.sets.NEAR_TRANSFORMS` names) that keep an image
+    in-distribution, e.g. `hflip` for garments; the embedding flow trains on them too, and the
+    benchmark reports them as a false-positive check. Raises `BuildError` (one line) for bad input
+    before anything is trained or written to the repository.
     """
     began = time.monotonic()
     out = out or _say
     repository, runs_dir = Path(repository), Path(runs_dir)
     if not (isinstance(minutes, int | float) and math.isfinite(minutes) and minutes > 0):
         raise BuildError(f"--minutes must be a positive number, got {minutes!r}")
+    symmetries = _check_symmetries(symmetries)
     name = name or _default_name(data)
     if not _NAME_RE.match(name):
         raise BuildError(
@@ -643,7 +681,7 @@ def build(
         with inner_progress(False):
             return _build(
                 data, repository, name, test, list(ood), minutes, dev, device, pixel, runs_dir,
-                profile, progress_display, began, out, shape,
+                profile, progress_display, began, out, shape, tuple(symmetries),
             )  # fmt: skip
     except (OSError, FloatingPointError) as error:
         # Disk full, permissions changed mid-build, a diverging flow: still one line, no traceback.
@@ -669,6 +707,7 @@ def _build(
     began: float,
     out: Callable[[str], None],
     pinned: tuple[int, int, int] | None = None,
+    symmetries: Sequence[str] = (),
 ) -> BuildResult:
     from training.calibrate import calibrate
     from training.evaluate import evaluate
@@ -698,9 +737,17 @@ def _build(
             f"{choice.policy.removeprefix('input ')})",
         )
     shape = choice.shape
+    turns = [t for t in symmetries if t in ("rot90", "rot270", "transpose")]
+    if turns and shape[1] != shape[2]:
+        raise BuildError(
+            f"--symmetry {', '.join(turns)}: a quarter turn of {shape[1]}x{shape[2]} images changes their "
+            "shape, so it cannot be a symmetry of one model; drop it"
+        )
     datasets: dict[tuple[Any, ...], ImageSet] = {}
     nominal_steps = 30 if profile == "tiny" else 1000
-    embedding_cfg, pixel_cfg = _configs(name, data, test, ood, survey, shape, profile, nominal_steps)
+    embedding_cfg, pixel_cfg = _configs(
+        name, data, test, ood, survey, shape, profile, nominal_steps, symmetries
+    )
     splits = {"embedding": load_splits(embedding_cfg, datasets=datasets)}
     if with_pixel:
         splits["pixel"] = load_splits(pixel_cfg, datasets=datasets)
@@ -713,10 +760,10 @@ def _build(
     else:
         probe = _probe(pixel_cfg if with_pixel else None, embedding_cfg, dev)
     pixel_steps = nominal_steps
-    estimates = _stage_estimates(splits, probe, with_pixel)
+    estimates = _stage_estimates(splits, probe, with_pixel, symmetries)
     fixed = loaded_s + sum(estimates.values())
     train_s = total_s - fixed
-    embedding_s = max(10.0, min(0.25 * train_s, 90.0))
+    embedding_s = max(10.0, min(0.3 * train_s, 150.0))
     pixel_s = train_s - embedding_s
     if profile != "tiny":
         if train_s < 60:
@@ -733,7 +780,9 @@ def _build(
                 choice = InputChoice(
                     shape, choice.policy + f"; reduced to {shape[1]}x{shape[2]} for the budget"
                 )
-                embedding_cfg, pixel_cfg = _configs(name, data, test, ood, survey, shape, profile, 1000)
+                embedding_cfg, pixel_cfg = _configs(
+                    name, data, test, ood, survey, shape, profile, 1000, symmetries
+                )
                 probe = _probe(pixel_cfg, embedding_cfg, dev)
                 splits = {
                     "embedding": load_splits(embedding_cfg, datasets=datasets),
@@ -741,9 +790,11 @@ def _build(
                 }
                 steps = int(0.9 * pixel_s / probe.pixel_step_s)
             pixel_steps = int(min(MAX_PIXEL_STEPS, max(50, steps)))
-        embedding_cfg, pixel_cfg = _configs(name, data, test, ood, survey, shape, profile, pixel_steps)
+        embedding_cfg, pixel_cfg = _configs(
+            name, data, test, ood, survey, shape, profile, pixel_steps, symmetries
+        )
     base = splits["embedding"]
-    estimates = _stage_estimates(splits, probe, with_pixel)
+    estimates = _stage_estimates(splits, probe, with_pixel, symmetries)
     plan: dict[str, tuple[str, float]] = {
         "embedding": (
             f"train {name}-embedding (features + flow)",
@@ -775,6 +826,12 @@ def _build(
             if survey.classes
             else "none (no class subfolders); none needed"
         )
+    )
+    out(
+        f"  symmetries: {', '.join(symmetries)} (the embedding flow also trains on them; chosen by you, "
+        "not measured)"
+        if symmetries
+        else "  symmetries: none declared (--symmetry hflip if a mirror image is still in-distribution)"
     )
     record = splits_record(base)
     out(

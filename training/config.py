@@ -159,16 +159,19 @@ PRESETS: dict[str, RunConfig] = {
     ),
     "fmnist-embedding": RunConfig(
         name="fmnist-embedding",
-        description="Flow on L2-normalised, whitened EfficientNet-Lite0 features of Fashion-MNIST",
-        model=EmbeddingFlowConfig(projection_dim=256, hidden=256, depth=1, num_couplings=4),
-        data=DataConfig(train_limit=20000),
+        description="Flow on whitened spatial EfficientNet-Lite0 features of Fashion-MNIST (and mirror images)",
+        # spatial features and the declared symmetry: issue 12 (chosen on validation data and proxies)
+        model=EmbeddingFlowConfig(
+            features="spatial", projection_dim=64, hidden=512, depth=2, num_couplings=8
+        ),
+        data=DataConfig(train_limit=20000, symmetries=["hflip"]),
         train=TrainConfig(
             batch_size=256,
-            lr=1e-4,
+            lr=1e-3,
             weight_decay=1e-4,
-            max_steps=1200,
-            warmup_steps=0,
-            schedule="constant",
+            max_steps=2000,
+            warmup_steps=100,
+            schedule="cosine",
             eval_every=100,
             validation_size=2000,
             checkpoint_every=500,

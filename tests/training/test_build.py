@@ -84,7 +84,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     photos = _photo_folder(root / "photos")
     for key, argv in (
         ("digits", ["build", f"folder:{digits}", "--name", "digits", "--ood", "sklearn-digits", *common]),
-        ("photos", ["build", str(photos), *common]),  # bare path, default name, no --ood
+        # bare path, default name, no --ood; a mirrored crop is still a crop
+        ("photos", ["build", str(photos), "--symmetry", "hflip", *common]),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "oodflow", *argv],
@@ -172,6 +173,41 @@ def test_grey_folder_build_reports_policy_splits_and_metrics(built: dict[str, ob
         "photos-embedding",
         "photos-pixel",
     ]
+
+
+def test_declared_symmetry_trains_the_embedding_flow_on_mirror_images(built: dict[str, object]) -> None:
+    assert "symmetries: none declared" in str(built["digits"])
+    assert "symmetries: hflip (the embedding flow also trains on them" in str(built["photos"])
+    cache = Path(str(built["runs"])) / "photos-embedding" / "features"
+    features = {p.name.startswith("train-hflip-"): np.load(p) for p in cache.glob("train*.npy")}
+    assert set(features) == {True, False}, sorted(cache.iterdir())
+    assert features[True].shape == features[False].shape  # one mirror image per training image
+    assert not np.allclose(features[True], features[False])
+    repository = Path(str(built["repository"]))
+    for model, declared in (("photos-embedding", ["hflip"]), ("digits-embedding", [])):
+        manifest = verify_artifact(repository / model / "1")
+        assert manifest.training["data"]["symmetries"] == declared
+        assert manifest.architecture["features"] == "spatial"
+
+
+def test_unknown_or_shape_changing_symmetry_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(MIN_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (20, 28), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    repo = tmp_path / "repo"
+    err = _fails(
+        ["build", f"folder:{folder}", "--repository", str(repo), "--symmetry", "mirror", *TINY], capsys
+    )
+    assert "--symmetry mirror: unknown transform; expected one of vflip, hflip" in err
+    err = _fails(
+        ["build", f"folder:{folder}", "--repository", str(repo), "--symmetry", "hflip,rot90", *TINY], capsys
+    )
+    assert "--symmetry rot90: a quarter turn of 20x28 images changes their shape" in err
+    _nothing_served(repo)
 
 
 def test_rgb_mixed_single_class_folder_build(built: dict[str, object]) -> None:
