@@ -828,8 +828,8 @@ def _build(
         )
     )
     out(
-        f"  symmetries: {', '.join(symmetries)} (the embedding flow also trains on them; chosen by you, "
-        "not measured)"
+        f"  symmetries: {', '.join(symmetries)} (declared, not measured; the embedding flow also trains "
+        "on them)"
         if symmetries
         else "  symmetries: none declared (--symmetry hflip if a mirror image is still in-distribution)"
     )

@@ -326,3 +326,20 @@ def test_far_set_sharing_test_images_is_marked(bench_repository: Path, tmp_path:
     )
     (mixed,) = [s for s in result["sets"] if s["family"] == "far"]
     assert mixed["size"] == 50 and "10 images also in the in-distribution test set" in mixed["description"]
+
+
+def test_symmetries_declared_at_build_are_the_default(bench_repository: Path, tmp_path: Path) -> None:
+    # A model built with `--symmetry vflip` records it in its manifest; the benchmark then checks
+    # vflip as a symmetry (not as near-OOD) unless --symmetries says otherwise.
+    repository = tmp_path / "repository"
+    shutil.copytree(bench_repository / "fmnist-pixel-quick", repository / "fmnist-pixel-quick")
+    path = repository / "fmnist-pixel-quick" / "1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["training"].setdefault("data", {})["symmetries"] = ["vflip"]
+    path.write_text(json.dumps(manifest))
+    result = run_benchmark("fmnist-pixel-quick", repository, far=["noise"], **FAST)
+    families = {s["name"]: s["family"] for s in result["sets"]}
+    assert families["vflip"] == "symmetry" and families["hflip"] == "near"
+    assert result["symmetries"] == {"transforms": ["vflip"], "source": "declared when the models were built"}
+    overridden = run_benchmark("fmnist-pixel-quick", repository, far=["noise"], symmetries=["hflip"], **FAST)
+    assert {s["name"]: s["family"] for s in overridden["sets"]}["vflip"] == "near"

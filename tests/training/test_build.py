@@ -177,7 +177,9 @@ def test_grey_folder_build_reports_policy_splits_and_metrics(built: dict[str, ob
 
 def test_declared_symmetry_trains_the_embedding_flow_on_mirror_images(built: dict[str, object]) -> None:
     assert "symmetries: none declared" in str(built["digits"])
-    assert "symmetries: hflip (the embedding flow also trains on them" in str(built["photos"])
+    assert "symmetries: hflip (declared, not measured; the embedding flow also trains on them)" in str(
+        built["photos"]
+    )
     cache = Path(str(built["runs"])) / "photos-embedding" / "features"
     features = {p.name.startswith("train-hflip-"): np.load(p) for p in cache.glob("train*.npy")}
     assert set(features) == {True, False}, sorted(cache.iterdir())

@@ -242,8 +242,9 @@ def run_benchmark(
 
     `far`: dataset specs or `noise` / `constant` (None: every built-in source outside the
     in-distribution family); `near`: transform names (None: all of `NEAR_TRANSFORMS` that are not
-    symmetries); `symmetries`: transforms of the test split that are in-distribution (None: the
-    built-in dataset's known ones, e.g. `hflip` for Fashion-MNIST; `["none"]` for none).
+    symmetries); `symmetries`: transforms of the test split that are in-distribution (None: those
+    the models were built with, `oodflow build --symmetry`, else the built-in dataset's known ones,
+    e.g. `hflip` for Fashion-MNIST; `["none"]` for none).
     `baseline`: an earlier run's checked `benchmark.json` (`compare.load_baseline`); it must be for
     the same in-distribution test set (checked before any scoring), and the result then carries
     `baseline`, `comparison` and `goal` (see `training.benchmark.compare`).
@@ -279,8 +280,18 @@ def run_benchmark(
         )
     symmetry_source = "declared with --symmetries"
     if declared is None:
-        declared = list(default_symmetries(in_spec))
-        symmetry_source = f"default for {in_spec}" if declared else "none declared"
+        # what the models were built with (`oodflow build --symmetry`), else the dataset's known ones
+        built = [
+            t
+            for m in members
+            for t in (m.manifest.training.get("data") or {}).get("symmetries") or []
+            if t in NEAR_TRANSFORMS
+        ]
+        declared = list(dict.fromkeys(built))
+        symmetry_source = "declared when the models were built"
+        if not declared:
+            declared = list(default_symmetries(in_spec))
+            symmetry_source = f"default for {in_spec}" if declared else "none declared"
     if chosen_near is None:
         chosen_near = [t for t in DEFAULT_NEAR if t not in declared]
     else:
