@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="`oodflow build` on Fashion-MNIST: fmnist-pixel, fmnist-embedding, ensemble fmnist (test "
         "fashion-mnist:test, OOD mnist); skips them when already built",
     )
-    _add_build_args(p, "10")
+    _add_build_args(p, "14")
     p.set_defaults(func=_cmd_build_defaults)
 
     p = sub.add_parser(
