@@ -92,7 +92,14 @@ SYNTHETIC: Mapping[str, str] = MappingProxyType(
         "constant": "constant images: one value per image, uniform in 0..255 (seeded)",
     }
 )
-DEFAULT_FAR: tuple[str, ...] = ("mnist", "sklearn-digits", "photos", "noise", "constant")
+DEFAULT_FAR: tuple[str, ...] = (
+    "fashion-mnist:test",
+    "mnist",
+    "sklearn-digits",
+    "photos",
+    "noise",
+    "constant",
+)
 
 
 @dataclass(frozen=True, eq=False)
