@@ -220,7 +220,6 @@ def create_ensemble(
         Calibration,
         EnsembleManifest,
         EnsembleMember,
-        SelectionImages,
         ensemble_path,
         write_ensemble,
     )
@@ -228,11 +227,11 @@ def create_ensemble(
     from service.core.ensembles import discover_ensembles, resolve_ensembles
     from training.data import ImageSet
     from training.ensemble import (
-        SELECTION_SEED,
         can_halve,
         choose_weights,
         equal_weights,
         halve,
+        halves_record,
         rule_definition,
         weights_line,
     )
@@ -281,16 +280,11 @@ def create_ensemble(
             selection_set,
             score,
             selection_p=p[:, sel_idx],
-            images=SelectionImages(
-                source=calib.source,
-                split="selection half",
-                size=len(sel_idx),
-                fingerprint=selection_set.fingerprint(),
-                seed=SELECTION_SEED,
-                calibration_split="calibration half",
-                calibration_size=len(cal_idx),
-                calibration_fingerprint=calibration_set.fingerprint(),
-                not_used="the calibration half (the ensemble's threshold), the members' calibration, training "
+            images=halves_record(
+                calib.source,
+                selection_set,
+                calibration_set,
+                "the calibration half (the ensemble's threshold), the members' calibration, training "
                 "and validation images, and every test or OOD evaluation set",
             ),
         )

@@ -85,6 +85,7 @@ __all__ = [
     "ensemble_markdown",
     "equal_weights",
     "halve",
+    "halves_record",
     "member_p_values",
     "rule_definition",
     "select_weights",
@@ -154,6 +155,24 @@ def can_halve(n: int, target_fpr: float) -> bool:
     """Whether n combination images leave both halves large enough for a threshold that holds its
     target (`models.scores.threshold_at_fpr` needs `(1 − α)/α` scores: 19 at 5%)."""
     return n // 2 >= math.ceil((1.0 - target_fpr) / target_fpr - 1e-9)
+
+
+def halves_record(
+    source: str, selection_set: ImageSet, calibration_set: ImageSet, not_used: str = _NOT_USED
+) -> SelectionImages:
+    """What the weights were chosen on (the selection half) and what they were not (the calibration
+    half, which sets the threshold), for the manifest's `selection.images`."""
+    return SelectionImages(
+        source=source,
+        split="selection half",
+        size=len(selection_set),
+        fingerprint=selection_set.fingerprint(),
+        seed=SELECTION_SEED,
+        calibration_split="calibration half",
+        calibration_size=len(calibration_set),
+        calibration_fingerprint=calibration_set.fingerprint(),
+        not_used=not_used,
+    )
 
 
 def select_weights(
@@ -431,17 +450,7 @@ def build_ensemble(
             names,
             selection_set,
             _graph_p_values([a for _, a in members], device),
-            images=SelectionImages(
-                source=f"combination split of {in_distribution}",
-                split="selection half",
-                size=len(selection_set),
-                fingerprint=selection_set.fingerprint(),
-                seed=SELECTION_SEED,
-                calibration_split="calibration half",
-                calibration_size=len(calibration_set),
-                calibration_fingerprint=calibration_set.fingerprint(),
-                not_used=_NOT_USED,
-            ),
+            images=halves_record(f"combination split of {in_distribution}", selection_set, calibration_set),
         )
         chosen = selection.weights
         combination = [c[cal_idx] for c in combination]
