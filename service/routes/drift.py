@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from service.core import ServedEnsemble
-from service.core.drift import batch_drift_test
+from service.core.drift import OnlineDriftDetector, batch_drift_test
 from service.core.ensembles import combine
 from service.drift import require_admin
 from service.errors import ModelNotFound, NotReady, Unprocessable
@@ -112,6 +112,19 @@ def _ensemble(state: ServiceState, name: str) -> ServedEnsemble:
     return ens
 
 
+def _model_detector(state: ServiceState, name: str) -> tuple[OnlineDriftDetector, int]:
+    """The served model's online detector (started on first use) and the version it watches."""
+    model, _ = state.require_ready(state.registry.get(name))
+    return state.drift.watch("model", name, model, int(model.reference_sorted.size)), model.manifest.version
+
+
+def _ensemble_detector(state: ServiceState, name: str) -> OnlineDriftDetector:
+    """The valid ensemble's online detector over its combined p-values (started on first use)."""
+    ens = _ensemble(state, name)
+    assert ens.reference_sorted is not None
+    return state.drift.watch("ensemble", name, ens.reference_sorted, int(ens.reference_sorted.size))
+
+
 @router.post(
     "/models/{name}/drift",
     summary="Drift test: does this batch come from the model's in-distribution data?",
@@ -179,11 +192,8 @@ async def ensemble_drift_test(name: str, request: Request, resize: bool = _RESIZ
     responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
 )
 async def model_drift_state(name: str, request: Request) -> Response:
-    state = get_state(request)
-    served = state.registry.get(name)
-    model, _ = state.require_ready(served)
-    detector = state.drift.watch("model", name, model, int(model.reference_sorted.size))
-    return json_response({"model": name, "version": model.manifest.version, **detector.state()})
+    detector, version = _model_detector(get_state(request), name)
+    return json_response({"model": name, "version": version, **detector.state()})
 
 
 @router.get(
@@ -193,10 +203,7 @@ async def model_drift_state(name: str, request: Request) -> Response:
     responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
 )
 async def ensemble_drift_state(name: str, request: Request) -> Response:
-    state = get_state(request)
-    ens = _ensemble(state, name)
-    assert ens.reference_sorted is not None
-    detector = state.drift.watch("ensemble", name, ens.reference_sorted, int(ens.reference_sorted.size))
+    detector = _ensemble_detector(get_state(request), name)
     return json_response({"ensemble": name, **detector.state()})
 
 
@@ -209,11 +216,9 @@ async def ensemble_drift_state(name: str, request: Request) -> Response:
 async def model_drift_reset(name: str, request: Request) -> Response:
     state = get_state(request)
     require_admin(request.scope["headers"], state.admin_api_keys, state.api_keys)
-    served = state.registry.get(name)
-    model, _ = state.require_ready(served)
-    detector = state.drift.watch("model", name, model, int(model.reference_sorted.size))
+    detector, version = _model_detector(state, name)
     detector.reset()
-    return json_response({"model": name, "version": model.manifest.version, **detector.state()})
+    return json_response({"model": name, "version": version, **detector.state()})
 
 
 @router.post(
@@ -225,8 +230,6 @@ async def model_drift_reset(name: str, request: Request) -> Response:
 async def ensemble_drift_reset(name: str, request: Request) -> Response:
     state = get_state(request)
     require_admin(request.scope["headers"], state.admin_api_keys, state.api_keys)
-    ens = _ensemble(state, name)
-    assert ens.reference_sorted is not None
-    detector = state.drift.watch("ensemble", name, ens.reference_sorted, int(ens.reference_sorted.size))
+    detector = _ensemble_detector(state, name)
     detector.reset()
     return json_response({"ensemble": name, **detector.state()})

@@ -84,6 +84,14 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+async def _parameters(request: Request) -> dict[str, Any]:
+    """The body's optional `parameters` object (KServe repository extension), `{}` when absent."""
+    parameters = (await _json_body(request)).get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("'parameters' must be an object")
+    return parameters
+
+
 def _index(state: ServiceState, ready_only: bool) -> list[dict[str, Any]]:
     rows = [
         {
@@ -138,9 +146,7 @@ def _sync_body(result: SyncResult) -> dict[str, Any]:
 )
 async def load(name: str, request: Request) -> Response:
     state = _admin(request)
-    parameters = (await _json_body(request)).get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest("'parameters' must be an object")
+    parameters = await _parameters(request)
     overrides = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
     if overrides:
         raise BadRequest(
@@ -168,9 +174,7 @@ async def load(name: str, request: Request) -> Response:
 )
 async def unload(name: str, request: Request) -> Response:
     state = _admin(request)
-    parameters = (await _json_body(request)).get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest("'parameters' must be an object")
+    parameters = await _parameters(request)
     unknown = sorted(set(parameters) - {"version", "unload_dependents"})
     if unknown:
         raise BadRequest(f"unknown parameter '{unknown[0]}' (parameters: version, unload_dependents)")
