@@ -18,14 +18,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.artifact import Calibration, DataSpec, InputSpec, Manifest, ScoreSpec
+from models.artifact import (
+    Calibration,
+    DataSpec,
+    EnsembleManifest,
+    EnsembleMember,
+    InputSpec,
+    Manifest,
+    ScoreSpec,
+    write_ensemble,
+)
 from models.config import PixelFlowConfig
 from models.flows import PixelFlow
 from models.scores import ood_score
 from training.data import load_dataset
 from training.export import export_artifact
 
-__all__ = ["GREY_MODEL", "RGB_MODEL", "build_small_artifacts", "fashion_mnist_images", "photo_patches"]
+__all__ = [
+    "GREY_MODEL",
+    "RGB_MODEL",
+    "build_small_artifacts",
+    "fashion_mnist_images",
+    "photo_patches",
+    "write_test_ensemble",
+]
 
 GREY_MODEL = "fmnist-tiny"
 RGB_MODEL = "photo-tiny"
@@ -158,3 +174,40 @@ def _build_both(repository: Path) -> dict[str, Path]:
             "skimage-photo-crops",
         ),
     }
+
+
+def write_test_ensemble(
+    repository: Path,
+    name: str,
+    manifests: list[Manifest],
+    reference: np.ndarray,
+    threshold: float,
+    *,
+    rule_definition: str,
+    validation_set: str = "calibration",
+    weights: list[float] | None = None,
+) -> Path:
+    """A Fisher ensemble over `manifests` (at their versions) whose calibration is the given sorted
+    combined `reference` scores and `threshold` (target FPR 5%); the fixtures compute those."""
+    reference = np.asarray(reference, dtype=np.float64)
+    return write_ensemble(
+        repository,
+        EnsembleManifest(
+            name=name,
+            rule="fisher",
+            rule_definition=rule_definition,
+            members=[
+                EnsembleMember(name=m.name, version=m.version, kind=m.kind, statistic=m.score.statistic)
+                for m in manifests
+            ],
+            weights=weights,
+            calibration=Calibration(
+                target_fpr=TARGET_FPR,
+                threshold=float(threshold),
+                validation_set=validation_set,
+                validation_size=len(reference),
+                validation_fpr=float(np.mean(reference > threshold)),
+                reference_scores=reference.tolist(),
+            ),
+        ),
+    )

@@ -16,11 +16,7 @@ import numpy as np
 import pytest
 
 from models.artifact import (
-    Calibration,
-    EnsembleManifest,
-    EnsembleMember,
     load_manifest,
-    write_ensemble,
     write_manifest,
 )
 from models.scores import calibrate_combination, leave_one_out_p_values
@@ -37,7 +33,7 @@ from service.core.drift import (
     wilson_interval,
 )
 from service.routes.drift import BatchDriftResponse, DriftStateResponse
-from tests.artifacts import fashion_mnist_images
+from tests.artifacts import fashion_mnist_images, write_test_ensemble
 from tests.service.helpers import (
     GREY_MODEL,
     Server,
@@ -307,25 +303,8 @@ def drift_repository(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPa
     reference = np.asarray(manifests[0].calibration.reference_scores)
     p = leave_one_out_p_values(reference)
     threshold, combined = calibrate_combination(np.stack([p, p]), "fisher", 0.05)
-    write_ensemble(
-        repository,
-        EnsembleManifest(
-            name=ENSEMBLE,
-            rule="fisher",
-            rule_definition=RULE_DEFINITIONS["fisher"],
-            members=[
-                EnsembleMember(name=m.name, version=m.version, kind=m.kind, statistic=m.score.statistic)
-                for m in manifests
-            ],
-            calibration=Calibration(
-                target_fpr=0.05,
-                threshold=threshold,
-                validation_set="calibration",
-                validation_size=len(combined),
-                validation_fpr=float(np.mean(combined > threshold)),
-                reference_scores=combined.tolist(),
-            ),
-        ),
+    write_test_ensemble(
+        repository, ENSEMBLE, manifests, combined, threshold, rule_definition=RULE_DEFINITIONS["fisher"]
     )
     return repository
 

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from models.artifact import Calibration, EnsembleManifest, EnsembleMember, load_manifest, write_ensemble
+from models.artifact import EnsembleManifest, load_manifest
 from models.scores import combine_p_values, combined_verdict, leave_one_out_p_values, threshold_at_fpr
 from service.batch import score_batch
 from service.schemas import ModelList, MultiModelScores
-from tests.artifacts import fashion_mnist_images
+from tests.artifacts import fashion_mnist_images, write_test_ensemble
 from tests.service.helpers import GREY_MODEL, RGB_MODEL, Server, base_settings, running_server
 from training.ensemble import rule_definition
 
@@ -42,26 +42,15 @@ def weighted_repository(artifacts: dict[str, Path], tmp_path_factory: pytest.Tem
         combine_p_values(np.stack([leave_one_out_p_values(r)[:n] for r in refs]), "fisher", WEIGHTS)
     )
     threshold = threshold_at_fpr(reference, 0.05)
-    write_ensemble(
+    write_test_ensemble(
         repository,
-        EnsembleManifest(
-            name=NAME,
-            rule="fisher",
-            rule_definition=rule_definition("fisher", WEIGHTS, [m.name for m in manifests]),
-            members=[
-                EnsembleMember(name=m.name, version=m.version, kind=m.kind, statistic=m.score.statistic)
-                for m in manifests
-            ],
-            weights=WEIGHTS,
-            calibration=Calibration(
-                target_fpr=0.05,
-                threshold=threshold,
-                validation_set="leave-one-out p-values of the members' references (test fixture)",
-                validation_size=len(reference),
-                validation_fpr=float(np.mean(reference > threshold)),
-                reference_scores=reference.tolist(),
-            ),
-        ),
+        NAME,
+        manifests,
+        reference,
+        threshold,
+        rule_definition=rule_definition("fisher", WEIGHTS, [m.name for m in manifests]),
+        validation_set="leave-one-out p-values of the members' references (test fixture)",
+        weights=WEIGHTS,
     )
     return repository
 

@@ -14,14 +14,13 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from models.artifact import (
-    Calibration,
     EnsembleManifest,
-    EnsembleMember,
     load_manifest,
     write_ensemble,
 )
 from models.scores import combine_p_values, leave_one_out_p_values, ood_score, png_bits_per_dim
 from oodflow.cli import main
+from tests.artifacts import write_test_ensemble
 from training.benchmark import run_benchmark
 from training.benchmark.metrics import ood_metrics_with_ci
 from training.benchmark.report import markdown, write_report
@@ -39,19 +38,11 @@ def bench_repository(quick_repository: dict[str, Path], tmp_path_factory: pytest
     """A copy of the two quick models plus an ensemble over them, calibrated like the pipeline does:
     Fisher's method on leave-one-out p-values of the members' paired per-image calibration scores."""
     repository = tmp_path_factory.mktemp("bench") / "repository"
-    members, calibration_scores = [], []
+    manifests, calibration_scores = [], []
     for preset in (PIXEL, EMBEDDING):
         folder = quick_repository[preset]
         shutil.copytree(folder, repository / folder.parent.name / folder.name)
-        manifest = load_manifest(folder)
-        members.append(
-            EnsembleMember(
-                name=manifest.name,
-                version=manifest.version,
-                kind=manifest.kind,
-                statistic=manifest.score.statistic,
-            )
-        )
+        manifests.append(load_manifest(folder))
         calibration_scores.append(
             np.asarray(
                 load_split_scores(quick_repository[preset + ":run"] / "scores", "calibration")["ood_score"]
@@ -60,22 +51,13 @@ def bench_repository(quick_repository: dict[str, Path], tmp_path_factory: pytest
     combined = combine_p_values(np.stack([leave_one_out_p_values(s) for s in calibration_scores]), "fisher")
     reference = np.sort(combined)
     threshold = float(np.quantile(reference, 0.95, method="higher"))
-    write_ensemble(
+    write_test_ensemble(
         repository,
-        EnsembleManifest(
-            name=ENSEMBLE,
-            rule="fisher",
-            rule_definition="Fisher's method over the members' p-values (test ensemble)",
-            members=members,
-            calibration=Calibration(
-                target_fpr=0.05,
-                threshold=threshold,
-                validation_set="calibration",
-                validation_size=len(reference),
-                validation_fpr=float(np.mean(reference > threshold)),
-                reference_scores=reference.tolist(),
-            ),
-        ),
+        ENSEMBLE,
+        manifests,
+        reference,
+        threshold,
+        rule_definition="Fisher's method over the members' p-values (test ensemble)",
     )
     return repository
 
