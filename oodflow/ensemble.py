@@ -217,9 +217,6 @@ def create_ensemble(
     from pydantic import ValidationError
 
     from models.artifact import (
-        Calibration,
-        EnsembleManifest,
-        EnsembleMember,
         ensemble_path,
         write_ensemble,
     )
@@ -229,10 +226,10 @@ def create_ensemble(
     from training.ensemble import (
         can_halve,
         choose_weights,
+        ensemble_manifest,
         equal_weights,
         halve,
         halves_record,
-        rule_definition,
         weights_line,
     )
 
@@ -295,26 +292,18 @@ def create_ensemble(
     except ValueError as exc:
         raise EnsembleCreateError(f"cannot calibrate on {p.shape[1]} images: {exc}") from None
     try:
-        manifest = EnsembleManifest(
-            name=name,
-            description=description
+        manifest = ensemble_manifest(
+            name,
+            description
             or f"{rule} over {', '.join(f'{m.name} v{m.version}' for m in manifests)} (oodflow ensemble create)",
-            rule=rule,  # type: ignore[arg-type]
-            rule_definition=rule_definition(rule, chosen, names),  # type: ignore[arg-type]
-            members=[
-                EnsembleMember(name=m.name, version=m.version, kind=m.kind, statistic=m.score.statistic)
-                for m in manifests
-            ],
-            weights=chosen,
-            selection=selection,
-            calibration=Calibration(
-                target_fpr=target_fpr,
-                threshold=float(threshold),
-                validation_set=validation_set,
-                validation_size=len(reference),
-                validation_fpr=float(np.mean(reference > threshold)),
-                reference_scores=np.asarray(reference, dtype=np.float64).tolist(),
-            ),
+            rule,  # type: ignore[arg-type]
+            manifests,
+            chosen,
+            selection,
+            target_fpr=target_fpr,
+            threshold=threshold,
+            reference=reference,
+            validation_set=validation_set,
         )
     except ValidationError as exc:
         first = " ".join(str(exc).split())[:300]

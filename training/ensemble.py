@@ -49,7 +49,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -83,6 +83,7 @@ __all__ = [
     "choose_weights",
     "combine_members",
     "ensemble_markdown",
+    "ensemble_manifest",
     "equal_weights",
     "halve",
     "halves_record",
@@ -354,6 +355,46 @@ def _graph_p_values(artifacts: Sequence[Path], device: str) -> Callable[[np.ndar
     return score
 
 
+def ensemble_manifest(
+    name: str,
+    description: str,
+    rule: CombinationRule,
+    manifests: Sequence[Manifest],
+    weights: list[float] | None,
+    selection: EnsembleWeightSelection | None,
+    *,
+    target_fpr: float,
+    threshold: float,
+    reference: np.ndarray,
+    validation_set: str,
+    **extra: Any,
+) -> EnsembleManifest:
+    """The ensemble manifest over `manifests` at their versions, calibrated by `threshold` and the
+    sorted combined `reference` scores it was set on (`extra`: the optional record fields)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    return EnsembleManifest(
+        name=name,
+        description=description,
+        rule=rule,
+        rule_definition=rule_definition(rule, weights, [m.name for m in manifests]),
+        members=[
+            EnsembleMember(name=m.name, version=m.version, kind=m.kind, statistic=m.score.statistic)
+            for m in manifests
+        ],
+        weights=weights,
+        selection=selection,
+        calibration=Calibration(
+            target_fpr=target_fpr,
+            threshold=float(threshold),
+            validation_set=validation_set,
+            validation_size=len(reference),
+            validation_fpr=float(np.mean(reference > threshold)),
+            reference_scores=reference.tolist(),
+        ),
+        **extra,
+    )
+
+
 def build_ensemble(
     members: list[tuple[Path, Path]],
     repository: Path,
@@ -491,26 +532,18 @@ def build_ensemble(
         )
     reference = combined.combination
     half = ": its calibration half" if chosen is not None else ""
-    ensemble = EnsembleManifest(
-        name=name,
-        description=description or f"combined verdict of {', '.join(m.name for m in manifests)}",
-        rule=rule,
-        rule_definition=rule_definition(rule, chosen, names),
-        members=[
-            EnsembleMember(name=m.name, version=m.version, kind=m.kind, statistic=m.score.statistic)
-            for m in manifests
-        ],
-        weights=chosen,
-        selection=selection,
-        calibration=Calibration(
-            target_fpr=target_fpr,
-            threshold=combined.threshold,
-            validation_set=f"{in_distribution} (held-out combination split{half}, disjoint from the "
-            "members' calibration images)",
-            validation_size=len(reference),
-            validation_fpr=float(np.mean(reference > combined.threshold)),
-            reference_scores=[float(x) for x in reference],
-        ),
+    ensemble = ensemble_manifest(
+        name,
+        description or f"combined verdict of {', '.join(m.name for m in manifests)}",
+        rule,
+        manifests,
+        chosen,
+        selection,
+        target_fpr=target_fpr,
+        threshold=combined.threshold,
+        reference=reference,
+        validation_set=f"{in_distribution} (held-out combination split{half}, disjoint from the "
+        "members' calibration images)",
         calibration_images={
             **calibration_record,
             "disjoint_from_member_calibration": cal_prints,
