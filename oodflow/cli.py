@@ -92,8 +92,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"{c.validation_size} held-out images; observed FPR {c.validation_fpr:.2%}"
     )
     if c.selection is not None and c.selection.by == "selection":
-        worst = ", ".join(f"{k} {v:.3f}" for k, v in c.selection.worst_case_auroc.items())
-        print(f"statistic chosen on validation data and OOD proxies; worst-case proxy AUROC: {worst}")
+        mean = ", ".join(f"{k} {v:.3f}" for k, v in c.selection.mean_auroc.items())
+        print(f"statistic chosen on validation data and OOD proxies; mean proxy AUROC: {mean}")
     return 0
 
 

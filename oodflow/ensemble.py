@@ -20,8 +20,8 @@
    their p-values (`--rule`, Fisher's method by default) sets the threshold at `--target-fpr`;
 4. member weights (`--weights auto`, the default for Fisher; `training.ensemble`): the images are
    halved by a fixed seeded permutation; the **selection half** and its OOD proxies
-   (`training.selection.make_proxies`) choose the weights by the rule that chooses the pixel
-   statistic (best worst-case proxy AUROC, ties within 0.01 to equal weights), and the
+   (`training.selection.make_proxies`) choose the weights (best worst-case proxy AUROC of the
+   combined score, ties within 0.01 to equal weights), and the
    **calibration half** alone sets the threshold, so it still holds its target FPR. `--weights
    equal` (or `--rule min_p`, or too few images to halve) keeps today's equal weights and
    calibrates on all the images. The choice is recorded in the manifest (`weights`, `selection`).

@@ -116,8 +116,8 @@ WEIGHT_RULE = (
     "maximise the worst-case AUROC of the combined score over the OOD proxies (OOD positive; "
     "in-distribution side: the selection half of the combination images); candidates within "
     f"{TIE_TOLERANCE} of the best count as tied and the simplest wins, in the order: equal weights, "
-    "one member at 1/2, one member at 1/4 (training.selection.choose, the rule that chooses the pixel "
-    "statistic)"
+    "one member at 1/2, one member at 1/4 (training.selection.choose; the pixel statistic is chosen "
+    "on its mean proxy AUROC, the weights on the combined score's worst case)"
 )
 _NOT_USED = (
     "the calibration half (the ensemble's threshold), the members' calibration, training and validation "
