@@ -81,7 +81,11 @@ class TrainConfig(_Config):
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(20, ge=1)
     eval_every: int = Field(
-        0, ge=0, description="embedding flows: validation NLL every N steps (0: per epoch)"
+        0,
+        ge=0,
+        description="embedding flows: validation NLL at step 0, at the log steps that are multiples "
+        "of N (0: every log step) and at the end, best step kept; pixel flows: validation bits/dim "
+        "every N steps and at the end, best step kept (0: no selection, the last step is kept)",
     )
     validation_size: int = Field(1000, ge=0, description="training images held out for model selection")
     eval_batch_size: int = Field(256, ge=1)

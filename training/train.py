@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,17 +30,62 @@ from training.data import ImageSet
 from training.runs import Run, Splits, load_splits, resolve_device
 from training.scoring import cached_features
 
-__all__ = ["TrainResult", "learning_rate", "train"]
+__all__ = [
+    "DIVERGENCE_MARGIN_BITS_PER_DIM",
+    "TRAIN_REFERENCE_RECORDS",
+    "TrainResult",
+    "check_divergence",
+    "learning_rate",
+    "train",
+]
+
+# A saved model whose validation bits/dim exceeds the training bits/dim by more than this has
+# diverged from what its training loss says (fixed a priori; a healthy flow's gap is a few tenths).
+DIVERGENCE_MARGIN_BITS_PER_DIM = 1.0
+# The training reference is the mean of the last this-many logged training-batch bits/dim: one
+# batch is noisy, and a few records still describe the end of training.
+TRAIN_REFERENCE_RECORDS = 5
 
 
 @dataclass
 class TrainResult:
+    """`validation_bits_per_dim` is the saved (selected) model's, `final_validation_bits_per_dim`
+    the last step's; `diverged` is `check_divergence` on the saved model (see train_summary.json)."""
+
     run_dir: Path
     steps: int
     completed: bool
     seconds: float
     final_bits_per_dim: float
     validation_bits_per_dim: float
+    selected_step: int
+    final_validation_bits_per_dim: float
+    train_reference_bits_per_dim: float
+    validation_gap_bits_per_dim: float
+    diverged: bool
+
+
+def check_divergence(
+    validation_bits_per_dim: float,
+    train_bits_per_dim: Sequence[float],
+    margin: float = DIVERGENCE_MARGIN_BITS_PER_DIM,
+) -> tuple[float, float, bool]:
+    """`(train reference, gap, diverged)`: the reference is the mean of the finite values of
+    `train_bits_per_dim` (the last logged training batches), the gap is validation minus reference,
+    and `diverged` is `gap > margin`. Without a finite validation figure or reference the gap is
+    NaN and `diverged` is False (nothing to compare; not a verdict)."""
+    finite = [float(b) for b in train_bits_per_dim if math.isfinite(b)]
+    reference = sum(finite) / len(finite) if finite else float("nan")
+    gap = validation_bits_per_dim - reference
+    return reference, gap, bool(math.isfinite(gap) and gap > margin)
+
+
+def _logged_train_bits_per_dim(log_path: Path, count: int) -> list[float]:
+    """The training-batch bits/dim of the last `count` records of `metrics.jsonl` (all sessions)."""
+    if not log_path.is_file():
+        return []
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    return [float(json.loads(line)["bits_per_dim"]) for line in lines[-count:]]
 
 
 def learning_rate(config: RunConfig, step: int) -> float:
@@ -79,6 +124,7 @@ class _Trainer:
         self.noise_generator = torch.Generator().manual_seed(self.config.train.seed + 1)
         self.step = 0
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.last_validation: tuple[int, float] | None = None  # (step, bits/dim) this session
 
     # hooks
     def prepare(self) -> None: ...
@@ -90,6 +136,13 @@ class _Trainer:
 
     def select_best(self) -> bool:
         return False
+
+    def evaluate_now(self, logged: bool) -> bool:
+        """Whether to validate (and track the best step) after the current step; `logged`: the
+        step is a log step. Validation runs on log steps that are multiples of `eval_every`
+        (`log_every` when 0)."""
+        t = self.config.train
+        return logged and self.select_best() and self.step % (t.eval_every or t.log_every) == 0
 
     # checkpointing
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -164,7 +217,9 @@ class _Trainer:
                 if not math.isfinite(last_bpd):
                     raise FloatingPointError(f"loss became {last_bpd} at step {self.step}; lower train.lr")
                 rate = images_seen / max(1e-9, time.monotonic() - start)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                logged = self.step % t.log_every == 0 or self.step == t.max_steps
+                evaluate = self.evaluate_now(logged)
+                if logged or evaluate:
                     record = {
                         "step": self.step,
                         "bits_per_dim": round(last_bpd, 5),
@@ -172,7 +227,7 @@ class _Trainer:
                         "images_per_s": round(rate, 1),
                         "elapsed_s": round(time.monotonic() - start, 2),
                     }
-                    if self.select_best() and (self.step % (t.eval_every or t.log_every) == 0):
+                    if evaluate:
                         record["validation_bits_per_dim"] = round(self.track_best(), 5)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
@@ -184,12 +239,20 @@ class _Trainer:
                     on_step(self.step)
         bar.close()
         _save_checkpoint(self.run.checkpoint_path, self.checkpoint_payload())
+        final_val_bpd = float("nan")
         if self.select_best():
-            self.track_best()
+            last = self.last_validation
+            final_val_bpd = last[1] if last is not None and last[0] == self.step else self.track_best()
             assert self.best is not None
             self.model.load_state_dict(self.best[2])
         self.model.eval()
         val_bpd = self.validation_bits_per_dim()
+        if not self.select_best():
+            final_val_bpd = val_bpd  # the saved model is the last step's
+        selected_step = self.best[1] if self.best else self.step
+        reference, gap, diverged = check_divergence(
+            val_bpd, _logged_train_bits_per_dim(log_path, TRAIN_REFERENCE_RECORDS)
+        )
         save_file(
             {k: v.contiguous().cpu() for k, v in self.model.state_dict().items()}, str(self.run.weights_path)
         )
@@ -200,14 +263,32 @@ class _Trainer:
             "seconds_this_session": round(seconds, 1),
             "final_train_bits_per_dim": last_bpd,
             "validation_bits_per_dim": val_bpd,
-            "selected_step": self.best[1] if self.best else self.step,
+            "selected_step": selected_step,
+            "final_validation_bits_per_dim": final_val_bpd,
+            "train_reference_bits_per_dim": reference,
+            "validation_gap_bits_per_dim": gap,
+            "divergence_margin_bits_per_dim": DIVERGENCE_MARGIN_BITS_PER_DIM,
+            "diverged": diverged,
             "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
         self.run.write_json("train_summary.json", summary)
-        return TrainResult(self.run.dir, self.step, completed, seconds, last_bpd, val_bpd)
+        return TrainResult(
+            self.run.dir,
+            self.step,
+            completed,
+            seconds,
+            last_bpd,
+            val_bpd,
+            selected_step,
+            final_val_bpd,
+            reference,
+            gap,
+            diverged,
+        )
 
     def track_best(self) -> float:
         val = self.validation_bits_per_dim()
+        self.last_validation = (self.step, val)
         if self.best is None or val < self.best[0]:
             self.best = (val, self.step, _state_copy(self.model))
         return val
@@ -216,7 +297,10 @@ class _Trainer:
 class _PixelTrainer(_Trainer):
     """With `perturbation_rate` μ > 0 every batch is corrupted afresh at every step: each pixel is
     replaced, with probability μ, by a uniform random value in 0..255 (the background flow of
-    Ren et al. 2019, who draw new noise for every minibatch)."""
+    Ren et al. 2019, who draw new noise for every minibatch).
+
+    With `train.eval_every` > 0 the step with the best validation bits/dim (every `eval_every`
+    steps and the last) is kept; with 0 the last step is."""
 
     model: PixelFlow
 
@@ -237,6 +321,15 @@ class _PixelTrainer(_Trainer):
         super().restore(payload)
         if "perturb_generator" in payload:
             self.perturb_generator.set_state(payload["perturb_generator"])
+
+    def select_best(self) -> bool:
+        return self.config.train.eval_every > 0 and len(self.splits.validation.images) > 0
+
+    def evaluate_now(self, logged: bool) -> bool:
+        """Every `eval_every` steps, logged or not (a pass over the validation images costs far
+        more than a training step, so not at every log step); the last step is validated after
+        the loop. Not at step 0: the untrained flow is never worth keeping."""
+        return self.select_best() and self.step % self.config.train.eval_every == 0
 
     def perturb(self, batch: torch.Tensor) -> torch.Tensor:
         """`batch: (B, C, H, W) uint8` -> a fresh perturbation of it (unchanged when μ = 0)."""
