@@ -18,11 +18,17 @@ from models.artifact import (
     load_manifest,
     write_ensemble,
 )
-from models.scores import combine_p_values, leave_one_out_p_values, ood_score, png_bits_per_dim
+from models.scores import (
+    combine_p_values,
+    leave_one_out_p_values,
+    ood_score,
+    png_bits_per_dim,
+    threshold_at_fpr,
+)
 from oodflow.cli import main
 from tests.artifacts import write_test_ensemble
 from training.benchmark import run_benchmark
-from training.benchmark.metrics import ood_metrics_with_ci
+from training.benchmark.metrics import conformal_flag_range, ood_metrics_with_ci
 from training.benchmark.report import markdown, write_report
 from training.data import DatasetError, load_dataset
 from training.statistics import load_split_scores
@@ -182,6 +188,30 @@ def test_bootstrap_interval_is_seeded_and_covers_the_point() -> None:
     # tied scores (constant images) and a perfect separation
     perfect = ood_metrics_with_ci(np.zeros(50), np.ones(20), resamples=50)
     assert perfect.point == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr_at_95_tpr": 0.0}
+
+
+def test_conformal_flag_range_covers_what_calibration_then_test_produce() -> None:
+    # Simulate the whole chain: n calibration scores set the threshold (the service's own function),
+    # then m fresh in-distribution scores are counted; the predicted 95% range must hold ~95% of the
+    # counts. Discrete counts make the range slightly wider than 95%, never narrower.
+    rng = np.random.default_rng(11)
+    n, m, target, reps = 1250, 2000, 0.05, 4000
+    low, high = conformal_flag_range(n, target, m)
+    counts = np.empty(reps, dtype=np.int64)
+    for i in range(reps):
+        threshold = threshold_at_fpr(rng.random(n), target)
+        counts[i] = int(np.sum(rng.random(m) > threshold))
+    coverage = float(np.mean((counts >= low) & (counts <= high)))
+    assert 0.94 <= coverage <= 0.975, coverage
+    # the range is centred on the conformal rate and wider than the test images' binomial spread alone
+    assert low < target * m < high
+    binomial_half_width = 1.96 * np.sqrt(m * target * (1 - target))
+    assert (high - low) / 2 > 1.5 * binomial_half_width
+    # with very many calibration images it shrinks to the binomial spread
+    big_low, big_high = conformal_flag_range(10**7, target, m)
+    assert abs((big_high - big_low) / 2 - binomial_half_width) <= 2
+    with pytest.raises(ValueError, match="at least 19 calibration images"):
+        conformal_flag_range(10, target, m)
 
 
 def test_single_model_report_files(

@@ -30,6 +30,7 @@ from training.benchmark.compare import (
     goal_lines,
     load_baseline,
 )
+from training.benchmark.metrics import conformal_flag_range
 
 PIXEL = "fmnist-pixel-quick"
 LIMIT = "48"
@@ -222,11 +223,24 @@ def test_goal_lines_are_computed_and_flip_on_a_doctored_json(runs: dict[str, Any
         tally = [int(goal_lines(g, "h")[-1].split()[3]) for g in (met, missed)]
         assert tally[0] == tally[1] + 1
 
+    # In-distribution: the flagged count against the range split-conformal calibration predicts.
     data = copy.deepcopy(after)
     entry = next(e for e in data["in_distribution_test"]["flagged"] if e["score"] == headline)
+    entry_set = data["in_distribution_test"]["dataset"]
+    low, high = entry["conformal_range"]
+    assert [low, high] == list(
+        conformal_flag_range(entry["calibration_size"], entry["target_fpr"], entry["size"])
+    )
+    for flagged, expected in ((low, True), (high, True), (low - 1, False), (high + 1, False)):
+        entry["flagged"] = flagged
+        finding = _finding(goal_findings(data), entry_set)
+        assert finding["met"] is expected, flagged
+    assert goal_lines(goal_findings(data), "h")[-2].endswith("(95%, beta-binomial): not met")
+    # A benchmark file from before the range was recorded falls back to the test-only interval.
+    for key in ("calibration_size", "conformal_range", "within_conformal_range"):
+        entry.pop(key)
     target = entry["target_fpr"]
     entry["flagged_ci"] = [target - 0.01, target]
-    entry_set = data["in_distribution_test"]["dataset"]
     assert _finding(goal_findings(data), entry_set)["met"] is True
     entry["flagged_ci"] = [target + 1e-9, target + 0.02]
     missed = goal_findings(data)

@@ -40,7 +40,7 @@ from training.benchmark.graphs import (
     resolve_target,
     statistic_scores,
 )
-from training.benchmark.metrics import METRICS, binomial_interval, ood_metrics_with_ci
+from training.benchmark.metrics import METRICS, binomial_interval, conformal_flag_range, ood_metrics_with_ci
 from training.benchmark.sets import (
     NEAR_TRANSFORMS,
     SYNTHETIC,
@@ -362,6 +362,11 @@ def run_benchmark(
         **({COMBINED: ensemble.calibration.target_fpr} if ensemble is not None else {}),
     }
 
+    calibration_size = {
+        **{f"{m.name}/{m.manifest.score.statistic}": m.manifest.calibration.validation_size for m in members},
+        **({COMBINED: ensemble.calibration.validation_size} if ensemble is not None else {}),
+    }
+
     proxies: dict[str, list[str]] = {}
     for m in members:
         selection = _selection_proxies(m.manifest)
@@ -398,6 +403,7 @@ def run_benchmark(
         flagged = flags[set_name][key]
         k, n = int(np.sum(flagged)), len(flagged)
         low, high = binomial_interval(k, n)
+        expected_low, expected_high = conformal_flag_range(calibration_size[key], target_fpr[key], n)
         return {
             "score": key,
             "flagged": k,
@@ -406,6 +412,10 @@ def run_benchmark(
             "flagged_ci": [low, high],
             "target_fpr": target_fpr[key],
             "target_within_ci": bool(low <= target_fpr[key] <= high),
+            # the count split-conformal calibration on `calibration_size` images predicts (95%)
+            "calibration_size": calibration_size[key],
+            "conformal_range": [expected_low, expected_high],
+            "within_conformal_range": bool(expected_low <= k <= expected_high),
         }
 
     in_distribution = [flagged_entry("test", key) for key in thresholded]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["METRICS", "MetricTable", "binomial_interval", "ood_metrics_with_ci"]
+__all__ = ["METRICS", "MetricTable", "binomial_interval", "conformal_flag_range", "ood_metrics_with_ci"]
 
 METRICS: tuple[str, ...] = ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr")
 _CHUNK = 64  # resamples per vectorised block: (64, n) float64 arrays
@@ -144,3 +144,30 @@ def binomial_interval(flagged: int, total: int, level: float = 0.95) -> tuple[fl
     low = 0.0 if flagged == 0 else float(beta.ppf(tail, flagged, total - flagged + 1))
     high = 1.0 if flagged == total else float(beta.ppf(1.0 - tail, flagged + 1, total - flagged))
     return (low, high)
+
+
+def conformal_flag_range(
+    calibration_size: int, target_fpr: float, test_size: int, level: float = 0.95
+) -> tuple[int, int]:
+    """The central `level` range of the number of fresh in-distribution images, out of `test_size`,
+    that a split-conformal threshold set on `calibration_size` images flags.
+
+    The threshold is the k-th smallest of n calibration scores, `k = ⌈(n + 1)(1 − target_fpr)⌉`
+    (`models.scores.threshold_at_fpr`). Over the draw of the n calibration images, the fraction of
+    the in-distribution law above it is Beta(n + 1 − k, k) (continuous scores; exchangeable images),
+    and given it the test count is binomial: the count is beta-binomial(test_size, n + 1 − k, k).
+    This is the range a flagged count must fall in for the threshold to be "at its target"; a
+    binomial interval on the test images alone ignores the threshold's own sampling spread, which
+    for n = 1,250 at 5% is ±1.2 points (95%). Raises ValueError for n below `(1 − α)/α`."""
+    from scipy.stats import betabinom
+
+    n = int(calibration_size)
+    k = int(np.ceil((n + 1) * (1.0 - target_fpr)))
+    if n < 1 or k > n or not 0.0 < target_fpr < 1.0:
+        raise ValueError(
+            f"a {target_fpr:.1%} conformal threshold needs at least {int(np.ceil((1 - target_fpr) / target_fpr))} "
+            f"calibration images, got {n}"
+        )
+    tail = (1.0 - level) / 2.0
+    law = betabinom(int(test_size), n + 1 - k, k)
+    return int(law.ppf(tail)), int(law.ppf(1.0 - tail))

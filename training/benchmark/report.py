@@ -179,8 +179,9 @@ def before_after_markdown(result: dict[str, Any]) -> list[str]:
         f"### Goal (issue 12), computed from this run's figures for {_label(result, goal['score'])}",
         "",
         f"Near-OOD sets that are not declared symmetries: AUROC ≥ {goal['near_auroc']}; far-OOD sets: "
-        f"AUROC ≥ {goal['far_auroc']}; in-distribution test images: the flagged fraction's 95% interval "
-        "contains the target FPR.",
+        f"AUROC ≥ {goal['far_auroc']}; in-distribution test images: the flagged count lies in the 95% "
+        "range that a split-conformal threshold at the target FPR, calibrated on the score's held-out "
+        "images, predicts (beta-binomial; the test-only binomial interval is shown beside it).",
         "",
     ]
     lines += [f"- {line}" for line in goal_lines(goal, _label(result, goal["score"]))]
@@ -364,13 +365,28 @@ def markdown(result: dict[str, Any], figures: list[tuple[str, str]], figures_pre
     lines += [
         "## In-distribution test set: flagged fraction vs target",
         "",
-        "| score | flagged | fraction (95% Clopper-Pearson) | target FPR | target inside interval |",
-        "|---|---:|---|---:|---|",
+        "A split-conformal threshold set on n held-out images flags a fresh in-distribution image with "
+        "probability Beta(n + 1 − k, k), k = ⌈(n + 1)(1 − target)⌉, over the draw of those n images; the "
+        "count it flags on the test images is then beta-binomial. `expected (95%)` is that count's "
+        "central range: a count inside it is the target met; the Clopper-Pearson interval reflects the "
+        "test images alone and misses the threshold's own spread.",
+        "",
+        "| score | flagged | fraction (95% Clopper-Pearson) | target FPR | target inside interval "
+        "| calibration images | expected (95%) | inside expected |",
+        "|---|---:|---|---:|---|---:|---|---|",
     ]
     for e in idt["flagged"]:
+        expected = "–"
+        if e.get("conformal_range") is not None:
+            lo, hi = e["conformal_range"]
+            expected = f"{lo}–{hi} ({lo / e['size']:.2%}–{hi / e['size']:.2%})"
+        inside = (
+            "–" if "within_conformal_range" not in e else ("yes" if e["within_conformal_range"] else "**no**")
+        )
         lines.append(
             f"| {_label(result, e['score'])} | {e['flagged']}/{e['size']} | {_ci(e['flagged_fraction'], e['flagged_ci'])} "
-            f"| {e['target_fpr']:.1%} | {'yes' if e['target_within_ci'] else '**no**'} |"
+            f"| {e['target_fpr']:.1%} | {'yes' if e['target_within_ci'] else '**no**'} "
+            f"| {e.get('calibration_size', '–')} | {expected} | {inside} |"
         )
     lines.append("")
 
