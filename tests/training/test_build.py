@@ -165,6 +165,18 @@ def test_grey_folder_build_reports_policy_splits_and_metrics(built: dict[str, ob
     assert report.is_file() and "AUROC" in report.read_text()
     summary = json.loads((report.parent / "build.json").read_text())
     assert set(summary["timings_s"]) == {"embedding", "pixel", "calibrate", "evaluate", "export"}
+    # the pixel flow validates every 10 steps (tiny profile) and keeps its best step
+    pixel_info = summary["models"]["digits-pixel"]
+    log = Path(str(built["runs"])) / "digits-pixel" / "metrics.jsonl"
+    validated = {
+        r["step"]: r["validation_bits_per_dim"]
+        for r in map(json.loads, log.read_text().splitlines())
+        if "validation_bits_per_dim" in r
+    }
+    assert validated and all(step % 10 == 0 or step == pixel_info["steps"] for step in validated)
+    assert pixel_info["selected_step"] in validated
+    assert pixel_info["validation_bits_per_dim"] == pytest.approx(min(validated.values()), abs=1e-4)
+    assert isinstance(pixel_info["diverged"], bool)
     # nothing left behind in the repository but the models and the ensemble
     assert sorted(p.name for p in repository.iterdir()) == [
         "_ensembles",
