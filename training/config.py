@@ -87,6 +87,12 @@ class TrainConfig(_Config):
         "of N (0: every log step) and at the end, best step kept; pixel flows: validation bits/dim "
         "every N steps and at the end, best step kept (0: no selection, the last step is kept)",
     )
+    patience: int = Field(
+        0,
+        ge=0,
+        description="with best-step selection (eval_every): stop once this many validations in a row "
+        "have not beaten the best step (0: never stop early)",
+    )
     validation_size: int = Field(1000, ge=0, description="training images held out for model selection")
     eval_batch_size: int = Field(256, ge=1)
     seed: int = 0
@@ -177,6 +183,7 @@ PRESETS: dict[str, RunConfig] = {
             warmup_steps=100,
             schedule="cosine",
             eval_every=100,
+            patience=5,
             validation_size=2000,
             checkpoint_every=500,
         ),

@@ -66,6 +66,7 @@ class TrainResult:
     train_reference_bits_per_dim: float
     validation_gap_bits_per_dim: float
     diverged: bool
+    stopped_early: bool = False
 
 
 def check_divergence(
@@ -131,6 +132,7 @@ class _Trainer:
         self.step = 0
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.last_validation: tuple[int, float] | None = None  # (step, bits/dim) this session
+        self.since_best = 0  # validations in a row that did not beat the best (this session)
 
     # hooks
     def prepare(self) -> None: ...
@@ -202,6 +204,7 @@ class _Trainer:
         )
         last_bpd = float("nan")
         completed = True
+        stopped_early = False
         with open(log_path, "a") as log:
             while self.step < t.max_steps:
                 if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
@@ -237,6 +240,12 @@ class _Trainer:
                         record["validation_bits_per_dim"] = round(self.track_best(), 5)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                    if evaluate and t.patience and self.since_best >= t.patience:
+                        # the best step is `patience` validations old: more steps only fit the
+                        # training images further (the selected model is kept either way)
+                        stopped_early = True
+                        bar.update(1)
+                        break
                 if self.step % t.checkpoint_every == 0:
                     _save_checkpoint(self.run.checkpoint_path, self.checkpoint_payload())
                 bar.set_postfix(bpd=f"{last_bpd:.3f}", img_s=f"{rate:.0f}")
@@ -275,6 +284,7 @@ class _Trainer:
             "validation_gap_bits_per_dim": gap,
             "divergence_margin_bits_per_dim": DIVERGENCE_MARGIN_BITS_PER_DIM,
             "diverged": diverged,
+            "stopped_early": stopped_early,
             "parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
         }
         self.run.write_json("train_summary.json", summary)
@@ -290,6 +300,7 @@ class _Trainer:
             reference,
             gap,
             diverged,
+            stopped_early,
         )
 
     def track_best(self) -> float:
@@ -297,6 +308,9 @@ class _Trainer:
         self.last_validation = (self.step, val)
         if self.best is None or val < self.best[0]:
             self.best = (val, self.step, _state_copy(self.model))
+            self.since_best = 0
+        else:
+            self.since_best += 1
         return val
 
 
