@@ -1059,18 +1059,20 @@ def _summary(
 
 def _chosen_on(models: dict[str, Any], ood: list[str]) -> str:
     sets = f" ({', '.join(ood)})" if ood else ""
-    for model in models.values():
+    for name, model in models.items():
         selection = model.get("selection")
-        if isinstance(selection, dict) and isinstance(selection.get("data"), dict):
-            data = selection["data"]
+        # only a statistic that a procedure chose on data (an embedding flow's is fixed by its config)
+        if isinstance(selection, dict) and selection.get("by") == "selection":
+            data = selection.get("data") or {}
             proxies = ", ".join(
                 str(p.get("name", p)) if isinstance(p, dict) else str(p) for p in selection.get("proxies", [])
             )
             return (
-                f"no --ood set{sets} played a part in any choice: the pixel statistic "
-                f"({selection.get('chosen')}) was chosen on {data.get('in_distribution')}, "
-                f"{data.get('size')} images, and OOD proxies made from it ({proxies}); thresholds on "
-                "the calibration and combination splits"
+                f"no --ood set{sets} played a part in any choice: {name}'s statistic "
+                f"({selection.get('chosen')}, best mean AUROC over the proxies) was chosen on "
+                f"{data.get('in_distribution')}, {data.get('size')} images, and OOD proxies made from it "
+                f"({proxies}); the ensemble weights on proxies of half the combination split; thresholds "
+                "on the calibration splits and the other half"
             )
     return (
         f"no --ood set{sets} played a part in any choice: fixed statistics "

@@ -163,6 +163,11 @@ def test_grey_folder_build_reports_policy_splits_and_metrics(built: dict[str, ob
     assert [m.dataset for m in ensemble.metrics] == ["sklearn-digits"]
     report = Path(str(built["runs"])) / "digits-build" / "report.md"
     assert report.is_file() and "AUROC" in report.read_text()
+    # the report says which statistic the pixel flow's selection chose, and on what
+    statistic = pixel.score.statistic
+    assert pixel.score.selection is not None and pixel.score.selection.by == "selection"
+    assert f"digits-pixel's statistic ({statistic}, best mean AUROC over the proxies)" in report.read_text()
+    assert "None" not in report.read_text().split("played a part in any choice")[1].splitlines()[0]
     summary = json.loads((report.parent / "build.json").read_text())
     assert set(summary["timings_s"]) == {"embedding", "pixel", "calibrate", "evaluate", "export"}
     # the pixel flow validates every 10 steps (tiny profile) and keeps its best step
