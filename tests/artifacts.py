@@ -21,8 +21,6 @@ import torch
 from models.artifact import (
     Calibration,
     DataSpec,
-    EnsembleManifest,
-    EnsembleMember,
     InputSpec,
     Manifest,
     ScoreSpec,
@@ -183,31 +181,26 @@ def write_test_ensemble(
     reference: np.ndarray,
     threshold: float,
     *,
-    rule_definition: str,
     validation_set: str = "calibration",
     weights: list[float] | None = None,
 ) -> Path:
     """A Fisher ensemble over `manifests` (at their versions) whose calibration is the given sorted
-    combined `reference` scores and `threshold` (target FPR 5%); the fixtures compute those."""
-    reference = np.asarray(reference, dtype=np.float64)
+    combined `reference` scores and `threshold` (target FPR 5%); the fixtures compute those. The
+    manifest is assembled by the build's own `training.ensemble.ensemble_manifest`."""
+    from training.ensemble import ensemble_manifest
+
     return write_ensemble(
         repository,
-        EnsembleManifest(
-            name=name,
-            rule="fisher",
-            rule_definition=rule_definition,
-            members=[
-                EnsembleMember(name=m.name, version=m.version, kind=m.kind, statistic=m.score.statistic)
-                for m in manifests
-            ],
-            weights=weights,
-            calibration=Calibration(
-                target_fpr=TARGET_FPR,
-                threshold=float(threshold),
-                validation_set=validation_set,
-                validation_size=len(reference),
-                validation_fpr=float(np.mean(reference > threshold)),
-                reference_scores=reference.tolist(),
-            ),
+        ensemble_manifest(
+            name,
+            f"test ensemble {name}",
+            "fisher",
+            manifests,
+            weights,
+            None,
+            target_fpr=TARGET_FPR,
+            threshold=threshold,
+            reference=np.asarray(reference, dtype=np.float64),
+            validation_set=validation_set,
         ),
     )

@@ -44,7 +44,6 @@ from tests.service.helpers import (
     running_server,
 )
 from training.data import load_dataset
-from training.ensemble import RULE_DEFINITIONS
 
 # ---------------------------------------------------------------------------------------------
 # known answers
@@ -303,9 +302,7 @@ def drift_repository(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPa
     reference = np.asarray(manifests[0].calibration.reference_scores)
     p = leave_one_out_p_values(reference)
     threshold, combined = calibrate_combination(np.stack([p, p]), "fisher", 0.05)
-    write_test_ensemble(
-        repository, ENSEMBLE, manifests, combined, threshold, rule_definition=RULE_DEFINITIONS["fisher"]
-    )
+    write_test_ensemble(repository, ENSEMBLE, manifests, combined, threshold)
     return repository
 
 

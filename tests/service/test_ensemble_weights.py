@@ -21,7 +21,6 @@ from service.batch import score_batch
 from service.schemas import ModelList, MultiModelScores
 from tests.artifacts import fashion_mnist_images, write_test_ensemble
 from tests.service.helpers import GREY_MODEL, RGB_MODEL, Server, base_settings, running_server
-from training.ensemble import rule_definition
 
 NAME = "weighted"
 WEIGHTS = [0.25, 1.0]  # the grey member counts a quarter
@@ -48,7 +47,6 @@ def weighted_repository(artifacts: dict[str, Path], tmp_path_factory: pytest.Tem
         manifests,
         reference,
         threshold,
-        rule_definition=rule_definition("fisher", WEIGHTS, [m.name for m in manifests]),
         validation_set="leave-one-out p-values of the members' references (test fixture)",
         weights=WEIGHTS,
     )

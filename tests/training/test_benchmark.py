@@ -63,7 +63,6 @@ def bench_repository(quick_repository: dict[str, Path], tmp_path_factory: pytest
         manifests,
         reference,
         threshold,
-        rule_definition="Fisher's method over the members' p-values (test ensemble)",
     )
     return repository
 
